@@ -42,6 +42,25 @@ def box_to_grid(box: np.ndarray, h: int, w: int, target: int) -> np.ndarray:
     return np.trunc(np.asarray(box, dtype=np.float64) * ratio).astype(np.float32)
 
 
+def mask_box_on_grid(mask: np.ndarray, bbox: np.ndarray, new_hw: tuple[int, int], target: int) -> np.ndarray:
+    """Bounding box (x0, y0, x1, y1) float32 of a (H, W) bool mask as seen on the resized grid.
+
+    As the official propagation: the mask is resized with INTER_AREA to the encoder's resized size
+    and the box taken there, which places its edges where the mask's pixels land on the grid
+    (truncating the original box instead is up to one source pixel off: several grid pixels for
+    small images). The mask is resized as 0/1, not as its label value (the official code resizes
+    the label image, which makes the box depend on the label number). If the mask vanishes in the
+    resize, the truncated original box is used.
+    """
+    nh, nw = new_hw
+    small = cv2.resize(mask.astype(np.uint8), (nw, nh), interpolation=cv2.INTER_AREA)
+    ys, xs = np.nonzero(small)
+    if not len(xs):
+        h, w = mask.shape
+        return box_to_grid(bbox, h, w, target)
+    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float32)
+
+
 @lru_cache(maxsize=256)
 def _aa_weights(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in) float64 matrix of antialiased bilinear resampling (torch/PIL semantics).

@@ -1,0 +1,102 @@
+"""``mcp-medsam``: thin typer commands, each one call to a typed function (imported lazily, so
+that ``predict`` never loads torch and every command starts fast)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="MCP-MedSAM: box-prompted medical segmentation on the CPU (CVPR24 NPZ cases).")
+
+REPO_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+
+
+@cli.command()
+def predict(
+    inputs: Path = typer.Option(..., "--input", "-i", help="Folder of CVPR24 *.npz cases (read in sorted order)."),
+    outputs: Path = typer.Option(..., "--output", "-o", help="Folder for the segmentations (same file names, key 'segs')."),
+    weights: Path = typer.Option(REPO_WEIGHTS, "--weights", help="Exported model folder (manifest.json). Default: the bundled weights/."),
+    backend: str = typer.Option("openvino", "--backend", help="openvino or onnxruntime (needs the folder's ONNX files)."),
+    overlays: Optional[Path] = typer.Option(None, "--overlays", help="Also write a PNG per case (boxes and masks; middle slice for 3D)."),
+    default_modality: Optional[str] = typer.Option(None, "--default-modality", help="Modality for file names without a known one (e.g. CT). Default: such cases fail."),
+    timing: Optional[Path] = typer.Option(None, "--timing", help="Per-case CSV (case, seconds, boxes, slices, status, message). Default: OUTPUT/timing.csv."),
+    max_batch: int = typer.Option(8, "--max-batch", min=1, help="Boxes per decoder call."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for inference. Default: all cores."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="OpenVINO compiled-model cache. Default: $MCP_MEDSAM_CACHE or ~/.cache/mcp-medsam/openvino."),
+) -> None:
+    """Segment every case of a folder. Exit status 0 when every case succeeded, 1 otherwise."""
+    from .cases import CaseError
+    from .engine import EngineError
+    from .manifest import ManifestError
+    from .predictor import PredictOptions, predict_folder
+
+    try:
+        results = predict_folder(inputs, outputs, weights=weights, backend=backend, overlays=overlays,
+                                 options=PredictOptions(default_modality=default_modality, max_batch=max_batch),
+                                 timing=timing, cache_dir=cache_dir, threads=threads)
+    except (CaseError, EngineError, ManifestError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1)
+    failed = [r for r in results if r.status != "ok"]
+    total = sum(r.seconds for r in results)
+    typer.echo(f"{len(results) - len(failed)}/{len(results)} cases segmented in {total:.1f} s", err=True)
+    raise typer.Exit(1 if failed else 0)
+
+
+@cli.command()
+def export(
+    out: Path = typer.Option(..., "--out", help="Folder to write (replaced as a whole when the export verifies)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="MCP-MedSAM checkpoint ({'model': state_dict} or a state_dict). Default: the LiteMedSAM warm start."),
+    clip: Optional[Path] = typer.Option(None, "--clip", help="Local Hugging Face CLIP directory (e.g. PubMedCLIP): exports its image tower. Default: no CLIP tower (zero CLIP features)."),
+    text_features: Optional[Path] = typer.Option(None, "--text-features", help="(11, 512) .npy of CLIP text features in the official category order. Default: computed with --clip's text tower, else zeros."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32; fp16 (IR weights stored as float16, computed in fp32); int8 (NNCF post-training quantisation)."),
+    keep_onnx: bool = typer.Option(True, "--keep-onnx/--no-onnx", help="Keep the ONNX files next to the OpenVINO IR (needed by --backend onnxruntime)."),
+    verify_data: Optional[Path] = typer.Option(None, "--verify-data", help="Folder of real *.npz cases used to verify the export (and to calibrate int8). Default: synthetic images only."),
+    calibration_cases: int = typer.Option(12, "--calibration-cases", min=1, help="int8 only: cases of --verify-data used for calibration."),
+) -> None:
+    """Export a checkpoint to ONNX + OpenVINO IR with manifest.json, and verify it against PyTorch."""
+    from export.exporter import ExportConfig, ExportError, export_model
+
+    try:
+        export_model(ExportConfig(out=out, checkpoint=checkpoint, clip=clip, text_features=text_features,
+                                  precision=precision, keep_onnx=keep_onnx, verify_data=verify_data,
+                                  calibration_cases=calibration_cases))
+    except (ExportError, RuntimeError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1)
+
+
+@cli.command()
+def evaluate(
+    segs: Path = typer.Option(..., "--segs", help="Folder of predicted *.npz (key 'segs'), named like the ground truth."),
+    gts: Path = typer.Option(..., "--gts", help="Folder of ground-truth *.npz (key 'gts'; 3D files also carry 'spacing' (z, y, x) in mm)."),
+    csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write the per-case scores (case, modality, dsc, nsd, status) to this CSV."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write metrics.png, timing.png (with --timing) and report.html into this folder."),
+    timing: Optional[Path] = typer.Option(None, "--timing", help="Timing CSV written by predict (e.g. OUTPUT/timing.csv): seconds per case by modality."),
+    tolerance: float = typer.Option(2.0, "--tolerance", min=0.0, help="NSD tolerance in mm (challenge: 2)."),
+    nsd_dsc_gate: bool = typer.Option(True, "--nsd-dsc-gate/--no-nsd-dsc-gate", help="Count NSD as 0 where the case DSC <= 0.2 (challenge rule)."),
+) -> None:
+    """Score segmentations with the CVPR24 challenge metrics (DSC, NSD) per case, per modality and
+    overall (mean of the modality means). Exit status 1 when a prediction is missing or broken."""
+    from .evaluate import EvaluationError, evaluate_folder, format_table
+
+    try:
+        result = evaluate_folder(segs, gts, csv_path=csv_path, report_dir=report, timing_csv=timing,
+                                 tolerance=tolerance, nsd_dsc_gate=nsd_dsc_gate)
+    except EvaluationError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1)
+    typer.echo(format_table(result), nl=False)
+    raise typer.Exit(1 if any(c.status != "ok" for c in result.cases) else 0)
+
+
+def main() -> None:
+    cli(prog_name="mcp-medsam")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
