@@ -1,0 +1,66 @@
+"""``python -m export.train train|distill --option value ...``: the configs as a command line.
+
+Options are generated from :class:`~.loop.TrainConfig` and :class:`~.distill.DistillConfig`
+(``data_dirs`` -> ``--data-dirs A B``, booleans as ``--flag/--no-flag``, ``none`` for an optional
+value). This is the script to give torchrun for multi-GPU training::
+
+    torchrun --nproc_per_node 8 -m export.train train --data-dirs /data/train --out-dir runs/a
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from typing import Any, Sequence
+
+
+def _parser_for(cls: type, sub: argparse._SubParsersAction, name: str) -> None:
+    p = sub.add_parser(name, help=(cls.__doc__ or "").strip().splitlines()[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        base = next((a for a in args if a is not type(None)), hint) if optional else hint
+        kw: dict[str, Any] = {"help": f.metadata.get("help", ""), "dest": f.name}
+        if base is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, **kw)
+            continue
+        if typing.get_origin(base) is tuple:
+            p.add_argument(flag, nargs="+" if required else "*", default=default, required=required, **kw)
+            continue
+
+        def conv(text: str, _t=base, _opt=optional):
+            if _opt and text.lower() == "none":
+                return None
+            return _t(text)
+
+        p.add_argument(flag, type=conv, default=default, required=required, **kw)
+    p.set_defaults(_cls=cls)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .distill import DistillConfig, run_distillation
+    from .loop import TrainConfig, run_training
+
+    ap = argparse.ArgumentParser(prog="python -m export.train")
+    sub = ap.add_subparsers(dest="command", required=True)
+    _parser_for(TrainConfig, sub, "train")
+    _parser_for(DistillConfig, sub, "distill")
+    ns = vars(ap.parse_args(argv))
+    cls = ns.pop("_cls")
+    command = ns.pop("command")
+    cfg = cls(**ns)
+    path = run_training(cfg) if command == "train" else run_distillation(cfg)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

