@@ -86,6 +86,13 @@ def _check_boxes(raw: np.ndarray, dims: tuple[int, ...], width: int) -> np.ndarr
 def load_case(path: str | Path) -> Case:
     path = Path(path)
     try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise CaseError(f"cannot read the file ({exc.strerror})") from None
+    if magic != b"PK\x03\x04":  # every .npz is a zip archive
+        raise CaseError("not a readable .npz file (not a zip archive)")
+    try:
         with np.load(path, allow_pickle=False) as data:
             keys = set(data.files)
             missing = [k for k in ("imgs", "boxes") if k not in keys]
@@ -110,6 +117,10 @@ def load_case(path: str | Path) -> Case:
     if width not in (4, 6):
         raise CaseError(f"boxes has shape {boxes.shape}; expected (N, 4) for 2D or (N, 6) for 3D")
     is_3d = width == 6
+    prefix = path.name.split("_")[0]
+    if prefix in ("2DBox", "3DBox") and (prefix == "3DBox") != is_3d:
+        raise CaseError(f"boxes of {width} coordinates in a {prefix}_ case "
+                        f"(2D boxes are x_min, y_min, x_max, y_max; 3D add z_min and z_max)")
     if is_3d:
         if imgs.ndim != 3:
             raise CaseError(f"imgs has shape {imgs.shape}; a 3D case (boxes of 6) needs (D, H, W)")

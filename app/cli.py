@@ -3,6 +3,7 @@ that ``predict`` never loads torch and every command starts fast)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -13,13 +14,15 @@ cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="MCP-MedSAM: box-prompted medical segmentation on the CPU (CVPR24 NPZ cases).")
 
 REPO_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+# $MCP_MEDSAM_WEIGHTS (set in the container), else the weights/ folder of this source tree.
+DEFAULT_WEIGHTS = Path(os.environ.get("MCP_MEDSAM_WEIGHTS", REPO_WEIGHTS))
 
 
 @cli.command()
 def predict(
     inputs: Path = typer.Option(..., "--input", "-i", help="Folder of CVPR24 *.npz cases (read in sorted order)."),
     outputs: Path = typer.Option(..., "--output", "-o", help="Folder for the segmentations (same file names, key 'segs')."),
-    weights: Path = typer.Option(REPO_WEIGHTS, "--weights", help="Exported model folder (manifest.json). Default: the bundled weights/."),
+    weights: Path = typer.Option(DEFAULT_WEIGHTS, "--weights", help="Exported model folder (manifest.json). Default: $MCP_MEDSAM_WEIGHTS, else the bundled weights/."),
     backend: str = typer.Option("openvino", "--backend", help="openvino or onnxruntime (needs the folder's ONNX files)."),
     overlays: Optional[Path] = typer.Option(None, "--overlays", help="Also write a PNG per case (boxes and masks; middle slice for 3D)."),
     default_modality: Optional[str] = typer.Option(None, "--default-modality", help="Modality for file names without a known one (e.g. CT). Default: such cases fail."),
@@ -80,8 +83,10 @@ def evaluate(
     tolerance: float = typer.Option(2.0, "--tolerance", min=0.0, help="NSD tolerance in mm (challenge: 2)."),
     nsd_dsc_gate: bool = typer.Option(True, "--nsd-dsc-gate/--no-nsd-dsc-gate", help="Count NSD as 0 where the case DSC <= 0.2 (challenge rule)."),
 ) -> None:
-    """Score segmentations with the CVPR24 challenge metrics (DSC, NSD) per case, per modality and
-    overall (mean of the modality means). Exit status 1 when a prediction is missing or broken."""
+    """Score segmentations with the challenge's DSC and NSD, per case, per modality and overall.
+
+    Overall = mean of the modality means (as the paper reports). Exit status 1 when a prediction
+    is missing or broken."""
     from .evaluate import EvaluationError, evaluate_folder, format_table
 
     try:
@@ -92,6 +97,63 @@ def evaluate(
         raise typer.Exit(1)
     typer.echo(format_table(result), nl=False)
     raise typer.Exit(1 if any(c.status != "ok" for c in result.cases) else 0)
+
+
+@cli.command()
+def bench(
+    inputs: Path = typer.Option(..., "--input", "-i", help="Folder of CVPR24 *.npz cases."),
+    weights: Path = typer.Option(DEFAULT_WEIGHTS, "--weights", help="Exported model folder. Default: $MCP_MEDSAM_WEIGHTS, else the bundled weights/."),
+    cold: bool = typer.Option(True, "--cold/--no-cold", help="Also time one process per case (as the challenge does), with its peak RSS."),
+    with_torch: bool = typer.Option(True, "--torch/--no-torch", help="Also time the PyTorch model on the same cases (needs the export extra)."),
+    max_batch: int = typer.Option(8, "--max-batch", min=1, help="Boxes per decoder call."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads. Default: all cores."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the measurements as JSON."),
+) -> None:
+    """Seconds per case, warm and cold, against the CPU's arithmetic floor (a benchmark, not a test).
+
+    Prints per case: FLOPs of the graph calls made, floor seconds (FLOPs / measured fp32 matmul
+    throughput), warm and cold seconds and their floor ratios, the peak RSS of a cold run, and the
+    PyTorch model's seconds side by side."""
+    from .bench import format_report, run_bench
+    from .predictor import PredictOptions
+
+    report = run_bench(inputs, weights=weights, cold=cold, with_torch=with_torch, threads=threads,
+                       options=PredictOptions(max_batch=max_batch), json_path=json_path)
+    typer.echo(format_report(report), nl=False)
+
+
+@cli.command()
+def warmup(
+    weights: Path = typer.Option(DEFAULT_WEIGHTS, "--weights", help="Exported model folder. Default: $MCP_MEDSAM_WEIGHTS, else the bundled weights/."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="OpenVINO compiled-model cache to fill. Default: $MCP_MEDSAM_CACHE or ~/.cache/mcp-medsam/openvino."),
+) -> None:
+    """Compile the graphs once into the cache, so that later runs load instead of compiling."""
+    from .engine import Engine, default_cache_dir
+    from .manifest import load_manifest
+
+    Engine(load_manifest(weights), cache_dir=cache_dir or default_cache_dir())
+    typer.echo(f"compiled-model cache ready in {cache_dir or default_cache_dir()}")
+
+
+_PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@cli.command(context_settings=_PASSTHROUGH, add_help_option=False)
+def train(ctx: typer.Context) -> None:
+    """Train MCP-MedSAM with the paper's recipe (options: mcp-medsam train --help; export extra).
+
+    Multi-GPU or multi-node: torchrun --nproc_per_node N -m export.train train ..."""
+    from export.train.__main__ import main as train_main
+
+    raise typer.Exit(train_main(["train", *ctx.args], prog="mcp-medsam"))
+
+
+@cli.command(context_settings=_PASSTHROUGH, add_help_option=False)
+def distill(ctx: typer.Context) -> None:
+    """Distil the warm start from LiteMedSAM, then fine-tune: the default model's recipe (see --help)."""
+    from export.train.__main__ import main as train_main
+
+    raise typer.Exit(train_main(["distill", *ctx.args], prog="mcp-medsam"))
 
 
 def main() -> None:

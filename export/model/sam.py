@@ -43,6 +43,11 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
 }
 
 
+def variant_name(config: ModelConfig) -> str:
+    """The registry name of a model configuration."""
+    return next(name for name, cfg in MODEL_CONFIGS.items() if cfg == config)
+
+
 class MCPMedSAM(nn.Module):
     """TinyViT encoder + MCP prompt encoder + F4 decoder, one box per prompt."""
 

@@ -45,11 +45,11 @@ def _parser_for(cls: type, sub: argparse._SubParsersAction, name: str) -> None:
     p.set_defaults(_cls=cls)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m export.train") -> int:
     from .distill import DistillConfig, run_distillation
     from .loop import TrainConfig, run_training
 
-    ap = argparse.ArgumentParser(prog="python -m export.train")
+    ap = argparse.ArgumentParser(prog=prog)
     sub = ap.add_subparsers(dest="command", required=True)
     _parser_for(TrainConfig, sub, "train")
     _parser_for(DistillConfig, sub, "distill")

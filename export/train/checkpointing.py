@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from export.checkpoints import (
-    CheckpointError, _init_warm_start_branches, convert_state_dict, load_strict, model_state, read_checkpoint,
-    warm_start_from_litemedsam,
+    SHARED_PREFIXES, CheckpointError, convert_state_dict, load_strict, model_state, read_checkpoint,
+    warm_start_from_litemedsam, warm_start_from_state,
 )
 from export.model import LiteMedSAM, MCPMedSAM, build_mcp_medsam
 
@@ -33,12 +33,7 @@ UNUSED_PREFIXES = (
     "mask_decoder.output_hypernetworks_mlps.2.", "mask_decoder.output_hypernetworks_mlps.3.",
 )
 # Keys MCP-MedSAM shares with LiteMedSAM (pre-trained in a warm start; smaller lr in distillation).
-PRETRAINED_PREFIXES = (
-    "image_encoder.", "prompt_encoder.pe_layer.", "prompt_encoder.point_embeddings.",
-    "prompt_encoder.not_a_point_embed.", "prompt_encoder.no_mask_embed.", "mask_decoder.transformer.",
-    "mask_decoder.iou_token.", "mask_decoder.mask_tokens.", "mask_decoder.output_upscaling.",
-    "mask_decoder.output_hypernetworks_mlps.", "mask_decoder.iou_prediction_head.",
-)
+PRETRAINED_PREFIXES = SHARED_PREFIXES
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
@@ -52,23 +47,9 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
 
 
 def warm_start_from_model(teacher: LiteMedSAM, *, variant: str, seed: int = 0) -> MCPMedSAM:
-    """A LiteMedSAM module (any variant) -> an MCP-MedSAM warm start of the same variant.
-
-    The same recipe as :func:`export.checkpoints.warm_start_from_litemedsam` (which reads the real
-    checkpoint file and builds the full variant): shared keys copied, new branches initialised
-    near identity. Used with a random tiny teacher in tests.
-    """
-    state, _ = convert_state_dict(teacher.state_dict(), source="litemedsam")
-    torch.manual_seed(seed)
-    model = build_mcp_medsam(variant)
-    own = model.state_dict()
-    bad = [k for k in state if k not in own or own[k].shape != state[k].shape]
-    if bad:
-        raise CheckpointError(f"teacher does not fit the {variant} student: {', '.join(bad[:5])}")
-    own.update(state)
-    model.load_state_dict(own, strict=True)
-    _init_warm_start_branches(model)
-    return model.eval()
+    """A LiteMedSAM module (any variant) -> an MCP-MedSAM warm start of the same variant
+    (the recipe of :func:`export.checkpoints.warm_start_from_state`; tests use a random tiny teacher)."""
+    return warm_start_from_state(teacher.state_dict(), variant=variant, seed=seed, path="<teacher>")[0]
 
 
 def init_model(init: str, *, variant: str, seed: int) -> MCPMedSAM:

@@ -1,0 +1,63 @@
+"""Shared fixtures. Reference data lives in ../shared (read-only) next to the repository."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("MCP_MEDSAM_SHARED", REPO.parent / "shared"))
+GOLDEN = SHARED / "reference" / "golden"
+SAMPLE = SHARED / "data" / "sample"
+
+
+def need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"reference data not found: {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def module_io() -> dict[str, np.ndarray]:
+    with np.load(need(GOLDEN / "module_io.npz")) as d:
+        return {k: d[k] for k in d.files}
+
+
+@pytest.fixture(scope="session")
+def golden_model():
+    from export.checkpoints import load_mcp_medsam
+
+    model, _ = load_mcp_medsam(need(GOLDEN / "mcp_medsam_golden.pth"))
+    return model
+
+
+def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A randomly initialised 'tiny' MCP-MedSAM saved as our training checkpoints are."""
+    import torch
+
+    from export.model import build_mcp_medsam
+
+    torch.manual_seed(seed)
+    model = build_mcp_medsam("tiny")
+    torch.save({"model": model.state_dict(), "config": {"variant": "tiny"}}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory) -> Path:
+    """An exported tiny model (ONNX + IR + manifest): the runtime tests run on it in seconds."""
+    from export.exporter import ExportConfig, export_model
+
+    tmp = tmp_path_factory.mktemp("tiny")
+    return export_model(ExportConfig(out=tmp / "weights", checkpoint=tiny_checkpoint(tmp / "tiny.pth")))
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """The real console entry point, in a fresh interpreter."""
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
