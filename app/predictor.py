@@ -102,7 +102,8 @@ class Segmenter:
     # ---------------------------------------------------------------- shared pieces
 
     def _prompt(self, img: np.ndarray, crop_boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Crops (B, 3, E, E) and, with a CLIP tower, CLIP features (B, 512) for boxes in original pixels."""
+        """Crops (B, 3, E, E) and, with a CLIP tower, CLIP features (B, 512) for boxes in original pixels
+        of an (H, W, 3) image or a grey (H, W) slice."""
         m = self.m
         pieces = [preprocess.crop_box(img, b) for b in crop_boxes]
         crops = np.stack([preprocess.resize_aa(p, m.crop_size) for p in pieces])
@@ -186,10 +187,10 @@ class Segmenter:
                     grid.append(preprocess.box_to_grid(wk["box"], h, w, s))
                     crop_boxes.append(wk["box"])
             index = np.array([cache.slot(z) for z in zs], np.int64)
-            # Crops come from each walk's own slice, repeated to 3 channels like the encoder input.
+            # Crops come from each walk's own slice (grey: repeated to 3 channels after cropping).
             crops, feats = [], []
             for wk, cb in zip(batch, crop_boxes):
-                c, f = self._prompt(np.repeat(vol[wk["z"]][:, :, None], 3, axis=2), np.asarray(cb)[None])
+                c, f = self._prompt(vol[wk["z"]], np.asarray(cb)[None])
                 crops.append(c)
                 feats.append(f)
             crops_arr = np.concatenate(crops)
@@ -216,7 +217,7 @@ class Segmenter:
         s = self.m.image_size
         for i in range(0, len(todo), self.opt.encode_batch):
             chunk = todo[i: i + self.opt.encode_batch]
-            x = np.stack([preprocess.encoder_input(np.repeat(vol[z][:, :, None], 3, axis=2), s)[0] for z in chunk])
+            x = np.stack([preprocess.encoder_input(vol[z], s)[0] for z in chunk])
             cache.put(chunk, self.engine.encode(x), pinned)
 
     # ---------------------------------------------------------------- a case

@@ -19,20 +19,19 @@ def resized_shape(h: int, w: int, target: int) -> tuple[int, int]:
 
 
 def encoder_input(img: np.ndarray, target: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """(H, W, 3) uint8 -> ((3, target, target) float32, (new_h, new_w)).
+    """(H, W, 3) or grey (H, W) uint8 -> ((3, target, target) float32, (new_h, new_w)).
 
     INTER_AREA resize of the longest side, min-max normalisation over all channels of the resized
     image (float64, denominator clipped at 1e-8, as the official code), zero padding bottom/right.
+    A grey image (a 3D slice) gives what its 3-channel repetition gives, at a third of the cost.
     """
     h, w = img.shape[:2]
     nh, nw = resized_shape(h, w, target)
     small = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
-    if small.ndim == 2:  # cv2 drops a channel axis of size 1 only; kept for safety
-        small = small[:, :, None]
     lo, hi = float(small.min()), float(small.max())
-    norm = (small.astype(np.float64) - lo) / max(hi - lo, 1e-8)
+    norm = ((small.astype(np.float64) - lo) / max(hi - lo, 1e-8)).astype(np.float32)
     out = np.zeros((3, target, target), dtype=np.float32)
-    out[:, :nh, :nw] = norm.transpose(2, 0, 1)
+    out[:, :nh, :nw] = norm.transpose(2, 0, 1) if norm.ndim == 3 else norm
     return out, (nh, nw)
 
 
@@ -86,7 +85,10 @@ def _aa_weights(n_in: int, n_out: int) -> np.ndarray:
 
 
 def resize_aa(img: np.ndarray, size: int) -> np.ndarray:
-    """(h, w, 3) uint8 -> (3, size, size) float32: /255, then antialiased bilinear resize."""
+    """(h, w, 3) or grey (h, w) uint8 -> (3, size, size) float32: /255, then antialiased bilinear
+    resize (a grey crop is repeated to 3 channels, as the official code repeats a 3D slice)."""
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, None], 3, axis=2)
     x = img.astype(np.float32) / np.float32(255.0)
     wy = _aa_weights(x.shape[0], size).astype(np.float32)
     wx = _aa_weights(x.shape[1], size).astype(np.float32)

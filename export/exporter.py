@@ -78,6 +78,8 @@ def _load_model(cfg: ExportConfig) -> tuple[MCPMedSAM, dict[str, Any]]:
 
 
 def text_features_for(cfg: ExportConfig, clip: nn.Module | None, tokens: list[str], dim: int) -> tuple[np.ndarray, dict]:
+    """(len(tokens), dim) float32 CLIP text features per accepted modality string, and their origin:
+    the --text-features table, else the CLIP text tower, else zeros (a model without CLIP)."""
     from .clip import text_features_from_clip, text_features_from_table
 
     if cfg.text_features is not None:
@@ -90,6 +92,7 @@ def text_features_for(cfg: ExportConfig, clip: nn.Module | None, tokens: list[st
 
 @torch.no_grad()
 def modality_token_table(model: MCPMedSAM, text: np.ndarray, tokens: list[str]) -> torch.Tensor:
+    """(len(tokens), C) modality tokens, one per accepted modality string: a constant of the decoder graph."""
     idx = torch.tensor([ACCEPTED[t] for t in tokens], dtype=torch.long)
     return model.prompt_encoder.modality_token(torch.from_numpy(text), idx)
 
@@ -301,11 +304,11 @@ def _save_ir(onnx_path: Path, xml: Path, precision: str) -> None:
     ov.save_model(ov_model, str(xml), compress_to_fp16=(precision == "fp16"))
 
 
+@torch.no_grad()
 def export_model(cfg: ExportConfig) -> Path:
     """Writes cfg.out (replaced atomically as a whole) and returns it."""
     if cfg.precision not in PRECISIONS:
         raise ExportError(f"unknown precision {cfg.precision!r}; choose one of {', '.join(PRECISIONS)}")
-    torch.set_grad_enabled(False)
     model, source = _load_model(cfg)
     mc = model.config
     clip_model = tower = None

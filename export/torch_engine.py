@@ -26,7 +26,6 @@ class TorchEngine:
     def __init__(self, manifest: Manifest, *, threads: int | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
-        torch.set_grad_enabled(False)
         self.manifest = manifest
         self.stats = CallStats()
         src = manifest.raw["source"]
@@ -55,7 +54,8 @@ class TorchEngine:
 
     def _timed(self, graph: str, items: int, fn, *args):
         t = time.perf_counter()
-        out = fn(*args)
+        with torch.no_grad():
+            out = fn(*args)
         self.stats.add(graph, items, time.perf_counter() - t)
         return out
 

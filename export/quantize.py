@@ -1,0 +1,289 @@
+"""INT8 post-training quantisation (NNCF) of an exported folder's OpenVINO IR.
+
+``quantize_folder`` rewrites the FP32 IR graphs in place with NNCF FakeQuantize ops (the OpenVINO
+CPU plugin runs them as INT8 with VNNI) and returns a report for the manifest. It needs no
+PyTorch: the FP32 IR the exporter just wrote is the reference, so the result is plain IR that
+``app.engine`` loads unchanged.
+
+Calibration and validation use real cases exactly as the runtime sees them:
+- encoder: slices preprocessed by ``app.preprocess.encoder_input`` (2D images; several slices of
+  each 3D box, not only the middle one);
+- decoder: per-box inputs on FP32 image embeddings, for the given boxes, jittered boxes (up to
+  ``jitter`` grid pixels per side, as in training) and propagation-style boxes (the bounding box of
+  the FP32 mask plus the propagation margin, with the crop taken the same way as the predictor);
+  crops by ``crop_box``/``resize_aa``; the case's modality row.
+Validation prompts are disjoint from calibration prompts: other slices, other jitter draws and,
+where the folder has enough cases, other cases. The metric is the one that matters to a user:
+per-box Dice of the ``logit > 0`` masks (on the 256 grid, cropped to the image) of the INT8 chain
+(INT8 encoder -> INT8 decoder) against the FP32 chain.
+
+Accuracy control: the recipe quantises every Convolution/MatMul except a fixed set of sensitive
+ops; when the validation Dice is below the target, further op groups are returned to FP32 one at
+a time (most sensitive first) until it is met (report["steps"] lists what was tried).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from app import preprocess
+from app.modality import ACCEPTED, modality_token
+
+TARGET_DICE = 0.985  # validation target; the exporter's bar against PyTorch is 0.98
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ---------------------------------------------------------------- prompts from real cases
+
+
+@dataclass
+class SlicePrompts:
+    """Boxes on one 2D image or slice: crop boxes in original pixels, prompt boxes on the grid."""
+
+    tag: str
+    img: np.ndarray  # (H, W, 3) uint8
+    crop_boxes: np.ndarray  # (K, 4) original pixels
+    grid_boxes: np.ndarray  # (K, 4) float32 on the image_size grid
+    kinds: list[str]
+    row: int  # modality row of the decoder's table
+    new_hw: tuple[int, int]
+    x: np.ndarray | None = None  # encoder input (3, S, S)
+    emb: np.ndarray | None = None  # FP32 embedding (C, E, E)
+
+
+def spread_cases(folder: Path | None, n: int) -> list[Path]:
+    """Up to n case files of folder, round-robin over modalities (so every modality is represented)."""
+    if folder is None:
+        return []
+    files = sorted(p for p in Path(folder).glob("*.npz") if p.is_file())
+    groups: dict[str, list[Path]] = {}
+    for f in files:
+        groups.setdefault(f"{f.name.split('_')[0]}_{modality_token(f.name)}", []).append(f)
+    order: list[Path] = []
+    queues = [list(g) for g in groups.values()]
+    while queues and len(order) < len(files):
+        for q in queues:
+            if q:
+                order.append(q.pop(0))
+        queues = [q for q in queues if q]
+    return order[:n] if n >= 0 else order
+
+
+def _synthetic_case(rng: np.random.Generator) -> tuple[str, np.ndarray, np.ndarray]:
+    h, w = 300, 400
+    yy, xx = np.mgrid[:h, :w]
+    img = rng.normal(60, 10, (h, w))
+    boxes = []
+    for _ in range(4):
+        cy, cx, r = rng.integers(50, h - 50), rng.integers(50, w - 50), rng.integers(15, 45)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] += rng.integers(60, 140)
+        boxes.append([cx - r, cy - r, cx + r, cy + r])
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    return "2DBox_CT_synthetic.npz", np.repeat(img[:, :, None], 3, axis=2), np.clip(np.array(boxes), 0, None)
+
+
+def _slices_of_case(path: Path | None, rng: np.random.Generator, *, fractions: Iterable[float], max_boxes: int,
+                    tokens: list[str], image_size: int) -> list[tuple[str, np.ndarray, np.ndarray, int]]:
+    """(tag, image (H, W, 3), boxes (K, 4) original px, modality row) for slices of one case."""
+    from app.cases import load_case
+
+    if path is None:
+        name, img, boxes = _synthetic_case(rng)
+        return [(name, img, boxes[:max_boxes], tokens.index("CT"))]
+    case = load_case(path)
+    token = modality_token(path.name)
+    row = tokens.index(token) if token in tokens else 0
+    if not case.is_3d:
+        boxes = case.boxes
+        if len(boxes) > max_boxes:
+            boxes = boxes[np.sort(rng.choice(len(boxes), max_boxes, replace=False))]
+        return [(path.name, case.image, boxes, row)]
+    out = []
+    vol = case.image
+    per_z: dict[int, list[np.ndarray]] = {}
+    for b in case.boxes[:max_boxes]:
+        x0, y0, z0, x1, y1, z1 = (int(v) for v in b)
+        for f in fractions:
+            z = int(round(z0 + f * (z1 - z0)))
+            per_z.setdefault(z, []).append(np.array([x0, y0, x1, y1]))
+    for z, bs in sorted(per_z.items()):
+        out.append((f"{path.name}[z={z}]", np.repeat(vol[z][:, :, None], 3, axis=2), np.stack(bs), row))
+    return out
+
+
+def _jitter(box: np.ndarray, h: int, w: int, s: int, rng: np.random.Generator, px: int) -> tuple[np.ndarray, np.ndarray]:
+    """A box shifted by up to px grid pixels per side: (crop box in original px, grid box)."""
+    g = preprocess.box_to_grid(box, h, w, s)
+    g = g + rng.integers(-px, px + 1, 4)
+    g = np.clip(g, 0, s - 1).astype(np.float32)
+    g[2:] = np.maximum(g[2:], g[:2] + 1)
+    scale = max(h, w) / s
+    crop = np.clip(np.round(g * scale), 0, [w, h, w, h]).astype(np.int64)
+    return crop, g
+
+
+def _propagated(mask: np.ndarray, box: np.ndarray, new_hw: tuple[int, int], s: int, margin: int
+                ) -> tuple[np.ndarray, np.ndarray] | None:
+    """As the predictor builds the next slice's prompt from a mask: (crop box, grid box)."""
+    if not mask.any():
+        return None
+    h, w = mask.shape
+    ys, xs = np.nonzero(mask)
+    bb = np.array([xs.min(), ys.min(), xs.max(), ys.max()])
+    g = preprocess.mask_box_on_grid(mask, bb, new_hw, s)
+    g = np.clip(g + np.array([-margin, -margin, margin, margin]), 0, s).astype(np.float32)
+    crop = np.clip(bb + np.array([-margin, -margin, margin, margin]), 0, [w, h, w, h])
+    return crop, g
+
+
+# ---------------------------------------------------------------- running IR
+
+
+class IR:
+    """A compiled OpenVINO model (f32 precision pinned, as the runtime)."""
+
+    def __init__(self, model: Any, core: Any | None = None) -> None:
+        import openvino as ov
+
+        core = core or ov.Core()
+        self.compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                          "PERFORMANCE_HINT": "LATENCY"})
+        self.req = self.compiled.create_infer_request()
+        self.names = [p.get_any_name() for p in self.compiled.inputs]
+
+    def __call__(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        self.req.infer({k: v for k, v in feed.items() if k in self.names})
+        return self.req.get_output_tensor(0).data.copy()
+
+
+def _decoder_feed(emb: np.ndarray, sp: SlicePrompts, crop_size: int, idx: slice | None = None) -> dict[str, np.ndarray]:
+    cb, gb = sp.crop_boxes, sp.grid_boxes
+    if idx is not None:
+        cb, gb = cb[idx], gb[idx]
+    crops = np.stack([preprocess.resize_aa(preprocess.crop_box(sp.img, b), crop_size) for b in cb])
+    return {"image_embeddings": emb[None], "embedding_index": np.zeros(len(gb), np.int64),
+            "boxes": gb.astype(np.float32), "crops": crops, "modality_index": np.full(len(gb), sp.row, np.int64)}
+
+
+def _decode_all(dec: Callable, emb: np.ndarray, sp: SlicePrompts, crop_size: int, batch: int) -> np.ndarray:
+    out = []
+    for i in range(0, len(sp.grid_boxes), batch):
+        out.append(dec(_decoder_feed(emb, sp, crop_size, slice(i, i + batch))))
+    return np.concatenate(out)[:, 0]
+
+
+def mask_dice(ref: np.ndarray, got: np.ndarray, new_hw: tuple[int, int]) -> np.ndarray:
+    """Per-box Dice of logit>0 masks (B, S, S) inside the resized image region; 1 when both are empty."""
+    nh, nw = new_hw
+    a = ref[:, :nh, :nw] > 0
+    b = got[:, :nh, :nw] > 0
+    inter = (a & b).sum(axis=(1, 2))
+    tot = a.sum(axis=(1, 2)) + b.sum(axis=(1, 2))
+    return np.where(tot == 0, 1.0, 2.0 * inter / np.maximum(tot, 1))
+
+
+# ---------------------------------------------------------------- datasets
+
+
+@dataclass
+class Data:
+    calib: list[SlicePrompts] = field(default_factory=list)
+    val: list[SlicePrompts] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def build_data(folder: Path | None, n_cases: int, enc: IR, dec: IR, *, tokens: list[str], image_size: int,
+               crop_size: int, margin: int = 3, jitter: int = 5, max_boxes: int = 4, n_val_cases: int = 8,
+               seed: int = 0) -> Data:
+    """Calibration and validation prompts with FP32 embeddings (see the module doc)."""
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    s = image_size
+    order = spread_cases(folder, -1)
+    calib_files: list[Path | None] = list(order[:n_cases]) or [None]
+    # Validation: the next cases in the modality spread (held out), else other slices/draws of the same.
+    val_files: list[Path | None] = list(order[n_cases:n_cases + n_val_cases])
+    if len(val_files) < n_val_cases:
+        val_files += calib_files[: n_val_cases - len(val_files)]
+    data = Data()
+    for files, target, fracs in ((calib_files, data.calib, (0.5, 0.2, 0.8, 0.35, 0.65)),
+                                 (val_files, data.val, (0.45, 0.1, 0.9, 0.3, 0.7))):
+        for path in files:
+            for tag, img, boxes, row in _slices_of_case(path, rng, fractions=fracs, max_boxes=max_boxes,
+                                                        tokens=tokens, image_size=s):
+                h, w = img.shape[:2]
+                x, new_hw = preprocess.encoder_input(img, s)
+                emb = enc({"image": x[None]})[0]
+                given = SlicePrompts(tag, img, boxes.astype(np.int64),
+                                     np.stack([preprocess.box_to_grid(b, h, w, s) for b in boxes]),
+                                     ["given"] * len(boxes), row, new_hw, x, emb)
+                logits = _decode_all(dec, emb, given, crop_size, 8)
+                crops, grids, kinds = [], [], []
+                for b, lg in zip(boxes, logits):
+                    crops.append(b)
+                    grids.append(preprocess.box_to_grid(b, h, w, s))
+                    kinds.append("given")
+                    c, g = _jitter(b, h, w, s, rng, jitter)
+                    crops.append(c)
+                    grids.append(g)
+                    kinds.append("jitter")
+                    prop = _propagated(preprocess.postprocess_logits(lg, new_hw, (h, w)), b, new_hw, s, margin)
+                    if prop is not None:
+                        crops.append(prop[0])
+                        grids.append(prop[1])
+                        kinds.append("propagated")
+                target.append(SlicePrompts(tag, img, np.stack(crops).astype(np.int64),
+                                           np.stack(grids).astype(np.float32), kinds, row, new_hw, x, emb))
+    data.seconds = time.perf_counter() - t0
+    return data
+
+
+def encoder_items(prompts: list[SlicePrompts]) -> list[dict[str, np.ndarray]]:
+    return [{"image": sp.x[None]} for sp in prompts]
+
+
+def decoder_items(prompts: list[SlicePrompts], crop_size: int, batch: int = 8) -> list[dict[str, np.ndarray]]:
+    items = []
+    for sp in prompts:
+        for i in range(0, len(sp.grid_boxes), batch):
+            items.append(_decoder_feed(sp.emb, sp, crop_size, slice(i, i + batch)))
+    return items
+
+
+# ---------------------------------------------------------------- validation
+
+
+@dataclass
+class Reference:
+    """FP32 chain outputs on the validation prompts."""
+
+    logits: list[np.ndarray]
+
+
+def chain_logits(enc: Callable | None, dec: Callable, prompts: list[SlicePrompts], crop_size: int,
+                 batch: int = 8) -> list[np.ndarray]:
+    """Decoder logits per slice; with enc, the embedding is recomputed by enc (the INT8 chain),
+    else the stored FP32 embedding is used (the decoder alone)."""
+    out = []
+    for sp in prompts:
+        emb = enc({"image": sp.x[None]})[0] if enc is not None else sp.emb
+        out.append(_decode_all(dec, emb, sp, crop_size, batch))
+    return out
+
+
+def dice_report(ref: list[np.ndarray], got: list[np.ndarray], prompts: list[SlicePrompts]) -> dict[str, Any]:
+    per = [mask_dice(r, g, sp.new_hw) for r, g, sp in zip(ref, got, prompts)]
+    d = np.concatenate(per)
+    kinds = np.concatenate([np.array(sp.kinds) for sp in prompts])
+    return {"mean_dice": float(d.mean()), "min_dice": float(d.min()), "boxes": int(len(d)),
+            "by_kind": {k: round(float(d[kinds == k].mean()), 4) for k in dict.fromkeys(kinds)},
+            "worst": sorted(((round(float(x), 3), sp.tag) for x, sp in
+                             zip([p.min() for p in per], prompts)))[:3]}
