@@ -35,6 +35,7 @@ class BenchRow:
     slices: int = 0
     gflops: float = 0.0
     warm_s: float = float("nan")
+    graph_s: float = float("nan")  # warm: seconds inside graph calls
     cold_s: float = float("nan")
     cold_rss_mb: float = float("nan")
     torch_s: float = float("nan")
@@ -53,7 +54,7 @@ class BenchReport:
 def matmul_throughput(n: int = 2048, repeats: int = 7) -> float:
     """fp32 GFLOP/s of an n x n by n x n MatMul through OpenVINO's CPU plugin (best of repeats)."""
     import openvino as ov
-    import openvino.runtime.opset13 as ops
+    import openvino.opset13 as ops
 
     rng = np.random.default_rng(0)
     a = ops.parameter([n, n], np.float32, name="a")
@@ -108,7 +109,7 @@ def run_bench(inputs: Path, *, weights: Path, cold: bool = True, with_torch: boo
         for f in files:
             r = run_case(segmenter, f, tmpd, options)
             report.rows.append(BenchRow(case=f.name, boxes=r.boxes, slices=r.slices, gflops=r.gflops,
-                                        warm_s=r.seconds, status=r.status))
+                                        warm_s=r.seconds, graph_s=r.graph_seconds, status=r.status))
         tp_after = matmul_throughput()
         report.throughput_gflops = (tp_before + tp_after) / 2
         report.notes.append(f"fp32 matmul throughput {tp_before:.0f} GFLOP/s before, {tp_after:.0f} after the warm runs")
@@ -144,14 +145,15 @@ def _ratio(a: float, b: float) -> str:
 
 def _line(r: BenchRow, tp: float) -> str:
     floor = r.gflops / tp
+    other = 100 * (r.warm_s - r.graph_s) / r.warm_s if r.warm_s > 0 else float("nan")
     return (f"{r.case[:52]:<52} {r.boxes:>4} {r.slices:>3} {r.gflops:>7.0f} {floor:>8.2f} {r.warm_s:>7.2f} "
-            f"{_ratio(r.warm_s, floor):>5} {r.cold_s:>7.2f} {_ratio(r.cold_s, floor):>5} {r.cold_rss_mb:>7.0f} "
+            f"{_ratio(r.warm_s, floor):>5} {other:>5.1f} {r.cold_s:>7.2f} {_ratio(r.cold_s, floor):>5} {r.cold_rss_mb:>7.0f} "
             f"{r.torch_s:>8.2f} {_ratio(r.torch_s, r.warm_s):>5}" + ("" if r.status == "ok" else f"  [{r.status}]"))
 
 
 def format_report(rep: BenchReport) -> str:
     tp = rep.throughput_gflops
-    head = (f"{'case':<52} {'box':>4} {'sl':>3} {'GFLOP':>7} {'floor s':>8} {'warm s':>7} {'w/fl':>5} "
+    head = (f"{'case':<52} {'box':>4} {'sl':>3} {'GFLOP':>7} {'floor s':>8} {'warm s':>7} {'w/fl':>5} {'pp %':>5} "
             f"{'cold s':>7} {'c/fl':>5} {'RSS MB':>7} {'torch s':>8} {'t/w':>5}")
     rows = rep.rows
 
@@ -160,7 +162,8 @@ def format_report(rep: BenchReport) -> str:
         return float("nan") if np.isnan(vals).all() else float(np.nansum(vals))
 
     tot = BenchRow(case="total", boxes=sum(r.boxes for r in rows), slices=sum(r.slices for r in rows),
-                   gflops=total("gflops"), warm_s=total("warm_s"), cold_s=total("cold_s"), torch_s=total("torch_s"),
+                   gflops=total("gflops"), warm_s=total("warm_s"), graph_s=total("graph_s"), cold_s=total("cold_s"),
+                   torch_s=total("torch_s"),
                    cold_rss_mb=float(np.nanmax([r.cold_rss_mb for r in rows])) if rows and not
                    np.isnan([r.cold_rss_mb for r in rows]).all() else float("nan"))
     sep = "-" * len(head)
@@ -169,5 +172,6 @@ def format_report(rep: BenchReport) -> str:
     if rows and tot.cold_s == tot.cold_s:
         lines.append(f"cold overhead per case (cold - warm, mean): {(tot.cold_s - tot.warm_s) / len(rows):.2f} s; "
                      f"peak RSS of a cold run: {tot.cold_rss_mb:.0f} MB")
+    lines.append("pp %: share of a warm case spent outside graph calls (reading, pre/post-processing, writing)")
     lines += [f"note: {s}" for s in rep.notes]
     return "\n".join(lines) + "\n"

@@ -87,8 +87,11 @@ def evaluate(
 
     Overall = mean of the modality means (as the paper reports). Exit status 1 when a prediction
     is missing or broken."""
-    from .evaluate import EvaluationError, evaluate_folder, format_table
-
+    try:
+        from .evaluate import EvaluationError, evaluate_folder, format_table
+    except ImportError as exc:  # scipy is the optional "eval" extra
+        typer.echo(f"error: evaluate needs {exc.name}: pip install 'mcp-medsam[eval]'", err=True)
+        raise typer.Exit(1)
     try:
         result = evaluate_folder(segs, gts, csv_path=csv_path, report_dir=report, timing_csv=timing,
                                  tolerance=tolerance, nsd_dsc_gate=nsd_dsc_gate)

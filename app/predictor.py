@@ -43,6 +43,7 @@ class CaseResult:
     status: str = "ok"
     message: str = ""
     gflops: float = 0.0
+    graph_seconds: float = 0.0  # inside graph calls; the rest is reading, pre/post-processing, writing
     segs: np.ndarray | None = field(default=None, repr=False)
 
 
@@ -247,7 +248,8 @@ def run_case(segmenter: Segmenter, path: Path, out_dir: Path, options: PredictOp
              overlays: Path | None = None) -> CaseResult:
     """Load, segment and write one case; never raises for a problem with the case itself."""
     t0 = time.perf_counter()
-    flops0 = segmenter.engine.stats.gflops(segmenter.m)
+    stats = segmenter.engine.stats
+    flops0, graph0 = stats.gflops(segmenter.m), sum(stats.seconds.values())
     try:
         case = load_case(path)
         result = segmenter.segment(case, options.default_modality)
@@ -263,7 +265,8 @@ def run_case(segmenter: Segmenter, path: Path, out_dir: Path, options: PredictOp
     except Exception as exc:  # an internal error must not take the other cases down
         result = CaseResult(case=path.name, status="error", message=f"{exc.__class__.__name__}: {exc}")
     result.seconds = time.perf_counter() - t0
-    result.gflops = segmenter.engine.stats.gflops(segmenter.m) - flops0
+    result.gflops = stats.gflops(segmenter.m) - flops0
+    result.graph_seconds = sum(stats.seconds.values()) - graph0
     result.segs = None
     return result
 

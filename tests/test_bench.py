@@ -1,0 +1,34 @@
+"""`mcp-medsam bench` runs end to end and prints its table (no timing assertions: a benchmark)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from conftest import run_cli
+
+
+def test_bench_on_a_tiny_model(tiny_export, tmp_path):
+    cases = tmp_path / "in"
+    cases.mkdir()
+    rng = np.random.default_rng(0)
+    np.savez(cases / "2DBox_CT_a.npz", imgs=rng.integers(0, 256, (60, 80, 3), dtype=np.uint8),
+             boxes=np.array([[5, 5, 40, 30], [20, 10, 70, 50]]))
+    np.savez(cases / "3DBox_MR_b.npz", imgs=rng.integers(0, 256, (5, 40, 40), dtype=np.uint8),
+             boxes=np.array([[5, 5, 1, 30, 30, 3]]))
+    proc = run_cli("bench", "-i", str(cases), "--weights", str(tiny_export), "--json", str(tmp_path / "b.json"))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "floor = FLOPs /" in out and "total" in out and "cold overhead per case" in out
+    data = json.loads((tmp_path / "b.json").read_text())
+    rows = {r["case"]: r for r in data["rows"]}
+    assert data["throughput_gflops"] > 0
+    # FLOPs are counted from the calls made: 1 image + 2 boxes, and 3 slices + 3 box-slices.
+    g = json.loads((tiny_export / "manifest.json").read_text())["graphs"]
+    enc, dec = g["image_encoder"]["gflops"], g["decoder"]["gflops"]
+    assert abs(rows["2DBox_CT_a.npz"]["gflops"] - (enc + 2 * dec)) < 1e-6
+    assert abs(rows["3DBox_MR_b.npz"]["gflops"] - (3 * enc + 3 * dec)) < 1e-6
+    for r in rows.values():
+        assert r["status"] == "ok" and r["warm_s"] > 0 and r["cold_s"] > r["warm_s"] and r["cold_rss_mb"] > 0
+        assert r["torch_s"] > 0  # the PyTorch model of the same checkpoint, side by side
