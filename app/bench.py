@@ -12,7 +12,6 @@ seconds (FLOPs / measured throughput) and the ratios.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

@@ -61,3 +61,14 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 900) -> subproce
     """The real console entry point, in a fresh interpreter."""
     return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch with one thread: on 2 shared cores, OpenMP with 2 threads under contention is ~50x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -12,7 +12,7 @@ from export.train.augment import AugmentConfig, make_sample, tight_box
 from export.train.data import build_index
 from export.train.dataset import TrainSamples
 
-SAMPLE = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sample").resolve()
+from conftest import SAMPLE
 pytestmark = pytest.mark.skipif(not (SAMPLE / "imgs").is_dir(), reason="sample data missing")
 
 

@@ -12,8 +12,7 @@ import pytest
 from export.train import data as data_mod
 from export.train.data import CaseReader, DataError, build_index, find_case_files, split_by_case
 
-SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sample"
-SAMPLE = SAMPLE.resolve()
+from conftest import SAMPLE
 pytestmark = pytest.mark.skipif(not (SAMPLE / "imgs").is_dir(), reason="sample data missing")
 
 

@@ -13,22 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from export.checkpoints import load_mcp_medsam, read_checkpoint
 from export.train.distill import DistillConfig, run_distillation
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = (ROOT / ".." / "shared" / "data" / "sample").resolve()
-pytestmark = pytest.mark.skipif(not (SAMPLE / "imgs").is_dir(), reason="sample data missing")
+from conftest import SAMPLE
+pytestmark = [pytest.mark.skipif(not (SAMPLE / "imgs").is_dir(), reason="sample data missing"), pytest.mark.usefixtures("one_torch_thread")]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _subset(tmp: Path, names: list[str]) -> Path:

@@ -16,18 +16,9 @@ import torch
 from export.checkpoints import load_mcp_medsam, read_checkpoint
 from export.train.loop import TrainConfig, run_training
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = (ROOT / ".." / "shared" / "data" / "sample").resolve()
-pytestmark = pytest.mark.skipif(not (SAMPLE / "imgs").is_dir(), reason="sample data missing")
+from conftest import REPO as ROOT, SAMPLE
+pytestmark = [pytest.mark.skipif(not (SAMPLE / "imgs").is_dir(), reason="sample data missing"), pytest.mark.usefixtures("one_torch_thread")]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: OpenMP with 2 threads under contention is ~50x slower than 1 thread.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _cfg(out: Path, **kw) -> TrainConfig:

@@ -11,13 +11,8 @@ from torch.nn import functional as F
 from export.model import DecoderOutput
 from export.train.losses import contrastive_loss, dice_loss, distill_loss, iou_target, mcp_loss
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_dice_loss_is_monai_squared_sigmoid() -> None:
