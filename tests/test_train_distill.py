@@ -18,8 +18,8 @@ from export.checkpoints import load_mcp_medsam, read_checkpoint
 from export.train.distill import DistillConfig, run_distillation
 
 from conftest import SAMPLE
-pytestmark = [pytest.mark.skipif(not (SAMPLE / "imgs").is_dir(), reason="sample data missing"), pytest.mark.usefixtures("one_torch_thread")]
-
+pytestmark = [pytest.mark.skipif(not (SAMPLE / "imgs").is_dir(), reason="sample data missing"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 def _subset(tmp: Path, names: list[str]) -> Path:
@@ -75,6 +75,19 @@ def test_tiny_distillation_caches_prompts_resumes_exactly_and_fine_tunes(tmp_pat
     assert {"model", "optimizer", "epoch", "loss"} <= set(ck)
     model, _ = load_mcp_medsam(final, variant="tiny")
     assert "after_finetune" in json.loads((part / "summary.json").read_text())
+
+
+def test_distillation_on_every_case_without_judging(tmp_path: Path) -> None:
+    """val_fraction 0 (the shipped model: the recipe judged by a held-out run, then trained on all)."""
+    data = _subset(tmp_path, ["2DBox_XRay_Shenzhen_CHNCXR-0001-0", "2DBox_XRay_Shenzhen_CHNCXR-0004-0"])
+    out = tmp_path / "all"
+    path = run_distillation(_tiny(data, out, val_fraction=0.0, steps=2))
+    s = json.loads((out / "summary.json").read_text())
+    assert len(s["split"]["train"]) == 2 and s["split"]["held_out"] == [] and s["before"] == {}
+    assert path.is_file() and len(_losses(out)) == 2
+    single = _subset(tmp_path / "one", ["2DBox_XRay_Shenzhen_CHNCXR-0001-0"])  # a lone case is never held out
+    with pytest.raises(ValueError, match="judged on held-out cases"):
+        run_distillation(_tiny(single, tmp_path / "none", val_fraction=0.3))
 
 
 @pytest.mark.slow
