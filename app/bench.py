@@ -81,13 +81,24 @@ def _cold_run(case: Path, weights: Path, cache_dir: Path, workdir: Path, options
     os.symlink(case.resolve(), inp / case.name)
     cmd = [sys.executable, "-m", "app.cli", "predict", "-i", str(inp), "-o", str(out), "--weights", str(weights),
            "--cache-dir", str(cache_dir), "--max-batch", str(options.max_batch)]
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            cwd=Path(__file__).resolve().parent.parent)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return seconds, usage.ru_maxrss / 1024.0, "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    try:
+        seconds, rss_kb, rc = proc.stdout.split()[-3:]
+    except ValueError:
+        return float("nan"), float("nan"), f"launcher failed: {proc.stderr.strip()[-200:]}"
+    return float(seconds), float(rss_kb) / 1024.0, "ok" if int(rc) == 0 else f"exit {rc}"
+
+
+# Linux carries a process's peak RSS across fork+exec: a case process forked from this one (GBs of
+# models) would report this process's RSS. A small fresh interpreter (~10 MB) launches and times it.
+_LAUNCHER = """
+import os, subprocess, sys, time
+t = time.perf_counter()
+p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+_, status, usage = os.wait4(p.pid, 0)
+print(time.perf_counter() - t, usage.ru_maxrss, os.waitstatus_to_exitcode(status))
+"""
 
 
 def run_bench(inputs: Path, *, weights: Path, cold: bool = True, with_torch: bool = True, threads: int | None = None,

@@ -50,6 +50,17 @@ def predict(
     raise typer.Exit(1 if failed else 0)
 
 
+def _read_provenance(path: Optional[Path]) -> dict:
+    import json
+
+    if path is None:
+        return {}
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise typer.BadParameter(f"{path}: expected a JSON object", param_hint="--provenance")
+    return data
+
+
 @cli.command()
 def export(
     out: Path = typer.Option(..., "--out", help="Folder to write (replaced as a whole when the export verifies)."),
@@ -60,6 +71,9 @@ def export(
     keep_onnx: bool = typer.Option(True, "--keep-onnx/--no-onnx", help="Keep the ONNX files next to the OpenVINO IR (needed by --backend onnxruntime)."),
     verify_data: Optional[Path] = typer.Option(None, "--verify-data", help="Folder of real *.npz cases used to verify the export (and to calibrate int8). Default: synthetic images only."),
     calibration_cases: int = typer.Option(12, "--calibration-cases", min=1, help="int8 only: cases of --verify-data used for calibration."),
+    int8_target_dice: float = typer.Option(0.985, "--int8-target-dice", min=0.0, max=1.0, help="int8 only: least mean per-box mask Dice vs FP32 on held-out prompts; below it the encoder stays FP32, then the export fails."),
+    description: Optional[str] = typer.Option(None, "--description", help="manifest.json description. Default: derived from the checkpoint."),
+    provenance: Optional[Path] = typer.Option(None, "--provenance", help="JSON file (an object) stored as manifest.json 'provenance': how the weights were made. Default: none."),
 ) -> None:
     """Export a checkpoint to ONNX + OpenVINO IR with manifest.json, and verify it against PyTorch."""
     from export.exporter import ExportConfig, ExportError, export_model
@@ -67,7 +81,8 @@ def export(
     try:
         export_model(ExportConfig(out=out, checkpoint=checkpoint, clip=clip, text_features=text_features,
                                   precision=precision, keep_onnx=keep_onnx, verify_data=verify_data,
-                                  calibration_cases=calibration_cases))
+                                  calibration_cases=calibration_cases, int8_target_dice=int8_target_dice,
+                                  description=description, provenance=_read_provenance(provenance)))
     except (ExportError, RuntimeError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1)

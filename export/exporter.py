@@ -30,6 +30,8 @@ from .wrappers import GRAPH_IO, ClipImageGraph, DecoderGraph, ImageEncoderGraph
 
 PRECISIONS = ("fp32", "fp16", "int8")
 AGREEMENT_BAR = 0.999
+# INT8 is judged by mask Dice against FP32 inside quantize_folder; this is the sanity bar against PyTorch.
+INT8_AGREEMENT_BAR = 0.98
 OPSET = 17
 
 
@@ -48,6 +50,7 @@ class ExportConfig:
     verify_data: Path | None = None
     verify_cases: int = 3
     calibration_cases: int = 12
+    int8_target_dice: float = 0.985  # int8: mean per-box mask Dice vs FP32 on held-out prompts
     description: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
 
@@ -278,6 +281,9 @@ def verify(folder: Path, builds: list[GraphBuild], model: MCPMedSAM, cfg: Export
     _log(f"{'graph':<14} {'backend':<12} {'input':<48} {'max|diff|':>10} {'agree':>9}")
     for name, items in feeds.items():
         for backend, run in runners[name].items():
+            # The INT8 IR is calibrated for real inputs: judged on those (random ones are reported).
+            int8 = cfg.precision == "int8" and backend == "openvino"
+            bar = INT8_AGREEMENT_BAR if int8 else AGREEMENT_BAR
             worst_diff, worst_agree = 0.0, 1.0
             for label, feed in items:
                 ref = torch_run(name, feed)[0]
@@ -285,10 +291,11 @@ def verify(folder: Path, builds: list[GraphBuild], model: MCPMedSAM, cfg: Export
                 diff, agree = _agreement(ref, got)
                 # Encoder and CLIP outputs are features, not logits: report their sign agreement too.
                 _log(f"{name:<14} {backend:<12} {label[:48]:<48} {diff:>10.2e} {agree * 100:>8.3f}%")
-                worst_diff, worst_agree = max(worst_diff, diff), min(worst_agree, agree)
+                if not (int8 and label == "random"):
+                    worst_diff, worst_agree = max(worst_diff, diff), min(worst_agree, agree)
             report.setdefault(name, {})[backend] = {"max_abs_diff": worst_diff, "sign_agreement": worst_agree}
-            if name == "decoder" and worst_agree < AGREEMENT_BAR:
-                failures.append(f"{name}/{backend}: mask agreement {worst_agree:.4%} < {AGREEMENT_BAR:.1%}")
+            if name == "decoder" and worst_agree < bar:
+                failures.append(f"{name}/{backend}: mask agreement {worst_agree:.4%} < {bar:.1%}")
     if failures:
         raise ExportError("export verification failed: " + "; ".join(failures))
     return report
@@ -328,6 +335,10 @@ def export_model(cfg: ExportConfig) -> Path:
     table = modality_token_table(model, text, tokens)
     builds = _builds(model, table, tower)
 
+    # INT8 lives in the OpenVINO IR only: an ONNX file beside it would be the FP32 graph.
+    keep_onnx = cfg.keep_onnx and cfg.precision != "int8"
+    if cfg.keep_onnx and not keep_onnx:
+        _log("note: int8 is an OpenVINO IR export; no ONNX files are kept")
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
@@ -344,15 +355,16 @@ def export_model(cfg: ExportConfig) -> Path:
             ins, outs = _tensor_specs(onnx_path)
             files = {"openvino": xml.name}
             formats[b.name] = {"openvino": xml, "onnx": onnx_path}
-            if cfg.keep_onnx:
+            if keep_onnx:
                 files["onnx"] = onnx_path.name
             graphs[b.name] = {"files": files, "inputs": ins, "outputs": outs, "gflops": round(b.gflops, 3)}
+        quantization = None
         if cfg.precision == "int8":
             from .quantize import quantize_folder
 
-            quantize_folder(tmp, graphs, model, cfg)
+            quantization = quantize_folder(tmp, graphs, model, cfg)
         verification = verify(tmp, builds, model, cfg, tokens, formats)
-        if not cfg.keep_onnx:
+        if not keep_onnx:
             for b in builds:
                 (tmp / f"{b.name}.onnx").unlink()
         manifest = {
@@ -379,6 +391,8 @@ def export_model(cfg: ExportConfig) -> Path:
             "graphs": graphs,
             "verification": verification,
         }
+        if quantization is not None:
+            manifest["quantization"] = quantization
         write_json(tmp / MANIFEST_NAME, manifest)
         _swap_in(tmp, out)
     except BaseException:

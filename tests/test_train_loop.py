@@ -64,6 +64,11 @@ def test_resume_continues_exactly_and_checkpoints_are_official(tmp_path: Path) -
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
     model, _ = load_mcp_medsam(part / "last.pth", variant="tiny")
     assert not model.training
+    # A training checkpoint exports as it is (variant read from the checkpoint) and verifies itself.
+    from export.exporter import ExportConfig, export_model
+
+    exported = export_model(ExportConfig(out=tmp_path / "exported", checkpoint=part / "last.pth", keep_onnx=False))
+    assert '"variant": "tiny"' in (exported / "manifest.json").read_text()
     epochs = list(csv.DictReader(open(whole / "epochs.csv")))
     assert [e["epoch"] for e in epochs] == ["0", "1"] and float(epochs[0]["dsc_mean"]) >= 0
     assert any(k.startswith("dsc_") and k not in ("dsc_mean", "dsc_prompts") for k in epochs[0])
