@@ -175,7 +175,19 @@ def distill(ctx: typer.Context) -> None:
 
 
 def main() -> None:
-    cli(prog_name="mcp-medsam")
+    try:
+        cli(prog_name="mcp-medsam")
+    except SystemExit as exc:
+        if sys.argv[1:2] != ["predict"]:
+            raise
+        # Every output is written, closed and renamed by now; skipping interpreter teardown (OpenVINO's
+        # plugin and thread pools) saves ~0.1 s per process, which challenge timing (a process per case) counts.
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":
