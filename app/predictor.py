@@ -179,11 +179,9 @@ class Segmenter:
             for wk in batch:
                 prev = wk["prev"]
                 if prev is not None and prev.any():
-                    ys, xs = np.nonzero(prev)
-                    bb = np.array([xs.min(), ys.min(), xs.max(), ys.max()])
-                    g = preprocess.mask_box_on_grid(prev, bb, new_hw, s)
-                    grid.append(np.clip(g + np.array([-margin, -margin, margin, margin]), 0, s))
-                    crop_boxes.append(np.clip(bb + np.array([-margin, -margin, margin, margin]), 0, [w, h, w, h]))
+                    cb, g = preprocess.propagated_prompt(prev, new_hw, s, margin)
+                    grid.append(g)
+                    crop_boxes.append(cb)
                 else:
                     grid.append(preprocess.box_to_grid(wk["box"], h, w, s))
                     crop_boxes.append(wk["box"])

@@ -60,6 +60,18 @@ def mask_box_on_grid(mask: np.ndarray, bbox: np.ndarray, new_hw: tuple[int, int]
     return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float32)
 
 
+def propagated_prompt(mask: np.ndarray, new_hw: tuple[int, int], target: int, margin: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """The next slice's prompt from a non-empty (H, W) bool mask: (crop box in original pixels
+    (4,) int, grid box (4,) float32), both the mask's bounding box widened by ``margin``."""
+    h, w = mask.shape
+    ys, xs = np.nonzero(mask)
+    bb = np.array([xs.min(), ys.min(), xs.max(), ys.max()])
+    pad = np.array([-margin, -margin, margin, margin])
+    grid = np.clip(mask_box_on_grid(mask, bb, new_hw, target) + pad, 0, target)
+    return np.clip(bb + pad, 0, [w, h, w, h]), grid
+
+
 @lru_cache(maxsize=256)
 def _aa_weights(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in) float64 matrix of antialiased bilinear resampling (torch/PIL semantics).

@@ -26,6 +26,7 @@ from app.modality import ACCEPTED, CATEGORIES, modality_token
 
 from .checkpoints import load_mcp_medsam, sha256_file, warm_start_from_litemedsam
 from .model import MCPMedSAM, variant_name
+from .quantize import TARGET_DICE, synthetic_image
 from .wrappers import GRAPH_IO, ClipImageGraph, DecoderGraph, ImageEncoderGraph
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -50,7 +51,7 @@ class ExportConfig:
     verify_data: Path | None = None
     verify_cases: int = 3
     calibration_cases: int = 12
-    int8_target_dice: float = 0.985  # int8: mean per-box mask Dice vs FP32 on held-out prompts
+    int8_target_dice: float = TARGET_DICE  # int8: mean per-box mask Dice vs FP32 on held-out prompts
     description: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
 
@@ -186,18 +187,6 @@ def _ort_session(path: Path) -> Callable[[dict[str, np.ndarray]], list[np.ndarra
     return lambda feed: sess.run(None, feed)
 
 
-def _synthetic_image(rng: np.random.Generator, h: int = 300, w: int = 400) -> tuple[np.ndarray, np.ndarray]:
-    """A grey image with three bright blobs and their boxes, when no real sample is given."""
-    yy, xx = np.mgrid[:h, :w]
-    img = rng.normal(60, 10, (h, w))
-    boxes = []
-    for cy, cx, r in ((80, 100, 40), (180, 260, 60), (230, 90, 30)):
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] += 120
-        boxes.append([cx - r, cy - r, cx + r, cy + r])
-    img = np.clip(img, 0, 255).astype(np.uint8)
-    return np.repeat(img[:, :, None], 3, axis=2), np.array(boxes)
-
-
 def _real_inputs(folder: Path | None, n: int, rng: np.random.Generator) -> list[tuple[str, np.ndarray, np.ndarray, str]]:
     """(label, image (H, W, 3) uint8, boxes (K, 4) in original pixels, modality token) for verification."""
     items = []
@@ -216,7 +205,7 @@ def _real_inputs(folder: Path | None, n: int, rng: np.random.Generator) -> list[
                 img = np.repeat(img[:, :, None], 3, axis=2)
             items.append((f.name, img, boxes[:8], modality_token(f.name)))
     if not items:
-        img, boxes = _synthetic_image(rng)
+        img, boxes = synthetic_image(rng)
         items.append(("synthetic", img, boxes, "CT"))
     return items
 

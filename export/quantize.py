@@ -77,27 +77,26 @@ def spread_cases(folder: Path | None, n: int) -> list[Path]:
     return order[:n] if n >= 0 else order
 
 
-def _synthetic_case(rng: np.random.Generator) -> tuple[str, np.ndarray, np.ndarray]:
-    h, w = 300, 400
+def synthetic_image(rng: np.random.Generator, h: int = 300, w: int = 400) -> tuple[np.ndarray, np.ndarray]:
+    """A grey (H, W, 3) uint8 image with three bright blobs and their boxes, when no real sample is given."""
     yy, xx = np.mgrid[:h, :w]
     img = rng.normal(60, 10, (h, w))
     boxes = []
-    for _ in range(4):
-        cy, cx, r = rng.integers(50, h - 50), rng.integers(50, w - 50), rng.integers(15, 45)
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] += rng.integers(60, 140)
+    for cy, cx, r in ((80, 100, 40), (180, 260, 60), (230, 90, 30)):
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] += 120
         boxes.append([cx - r, cy - r, cx + r, cy + r])
     img = np.clip(img, 0, 255).astype(np.uint8)
-    return "2DBox_CT_synthetic.npz", np.repeat(img[:, :, None], 3, axis=2), np.clip(np.array(boxes), 0, None)
+    return np.repeat(img[:, :, None], 3, axis=2), np.array(boxes)
 
 
 def _slices_of_case(path: Path | None, rng: np.random.Generator, *, fractions: Iterable[float], max_boxes: int,
-                    tokens: list[str], image_size: int) -> list[tuple[str, np.ndarray, np.ndarray, int]]:
+                    tokens: list[str]) -> list[tuple[str, np.ndarray, np.ndarray, int]]:
     """(tag, image (H, W, 3), boxes (K, 4) original px, modality row) for slices of one case."""
     from app.cases import load_case
 
     if path is None:
-        name, img, boxes = _synthetic_case(rng)
-        return [(name, img, boxes[:max_boxes], tokens.index("CT"))]
+        img, boxes = synthetic_image(rng)
+        return [("synthetic", img, boxes[:max_boxes], tokens.index("CT"))]
     case = load_case(path)
     token = modality_token(path.name)
     row = tokens.index(token) if token in tokens else 0
@@ -127,20 +126,6 @@ def _jitter(box: np.ndarray, h: int, w: int, s: int, rng: np.random.Generator, p
     g[2:] = np.maximum(g[2:], g[:2] + 1)
     scale = max(h, w) / s
     crop = np.clip(np.round(g * scale), 0, [w, h, w, h]).astype(np.int64)
-    return crop, g
-
-
-def _propagated(mask: np.ndarray, box: np.ndarray, new_hw: tuple[int, int], s: int, margin: int
-                ) -> tuple[np.ndarray, np.ndarray] | None:
-    """As the predictor builds the next slice's prompt from a mask: (crop box, grid box)."""
-    if not mask.any():
-        return None
-    h, w = mask.shape
-    ys, xs = np.nonzero(mask)
-    bb = np.array([xs.min(), ys.min(), xs.max(), ys.max()])
-    g = preprocess.mask_box_on_grid(mask, bb, new_hw, s)
-    g = np.clip(g + np.array([-margin, -margin, margin, margin]), 0, s).astype(np.float32)
-    crop = np.clip(bb + np.array([-margin, -margin, margin, margin]), 0, [w, h, w, h])
     return crop, g
 
 
@@ -218,7 +203,7 @@ def build_data(folder: Path | None, n_cases: int, enc: IR, dec: IR, *, tokens: l
                                  (val_files, data.val, (0.45, 0.1, 0.9, 0.3, 0.7))):
         for path in files:
             for tag, img, boxes, row in _slices_of_case(path, rng, fractions=fracs, max_boxes=max_boxes,
-                                                        tokens=tokens, image_size=s):
+                                                        tokens=tokens):
                 h, w = img.shape[:2]
                 x, new_hw = preprocess.encoder_input(img, s)
                 emb = enc({"image": x[None]})[0]
@@ -235,10 +220,11 @@ def build_data(folder: Path | None, n_cases: int, enc: IR, dec: IR, *, tokens: l
                     crops.append(c)
                     grids.append(g)
                     kinds.append("jitter")
-                    prop = _propagated(preprocess.postprocess_logits(lg, new_hw, (h, w)), b, new_hw, s, margin)
-                    if prop is not None:
-                        crops.append(prop[0])
-                        grids.append(prop[1])
+                    mask = preprocess.postprocess_logits(lg, new_hw, (h, w))
+                    if mask.any():
+                        c, g = preprocess.propagated_prompt(mask, new_hw, s, margin)
+                        crops.append(c)
+                        grids.append(g)
                         kinds.append("propagated")
                 target.append(SlicePrompts(tag, img, np.stack(crops).astype(np.int64),
                                            np.stack(grids).astype(np.float32), kinds, row, new_hw, x, emb))
@@ -259,13 +245,6 @@ def decoder_items(prompts: list[SlicePrompts], crop_size: int, batch: int = 8) -
 
 
 # ---------------------------------------------------------------- validation
-
-
-@dataclass
-class Reference:
-    """FP32 chain outputs on the validation prompts."""
-
-    logits: list[np.ndarray]
 
 
 def chain_logits(enc: Callable | None, dec: Callable, prompts: list[SlicePrompts], crop_size: int,
@@ -316,7 +295,7 @@ def quantize_folder(folder: Path, graphs: dict[str, Any], model: Any, cfg: Any) 
     import openvino as ov
 
     nncf.set_log_level(40)
-    target_dice = getattr(cfg, "int8_target_dice", TARGET_DICE)
+    target_dice = cfg.int8_target_dice
     if "clip_image" in graphs:
         raise ValueError("int8 export of a model with a CLIP image tower is not supported yet: its decoder "
                          "takes CLIP features that calibration would have to compute; export fp32/fp16 instead")
