@@ -19,12 +19,14 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
+from .batch import case_files, run_case
 from .engine import Engine, default_cache_dir
-from .manifest import load_manifest
-from .predictor import PredictOptions, Segmenter, run_case
+from .manifest import Manifest, bundled_weights, load_manifest
+from .segmenter import Segmenter
 
 
 @dataclass
@@ -71,7 +73,7 @@ def matmul_throughput(n: int = 2048, repeats: int = 7) -> float:
     return 2.0 * n ** 3 / best / 1e9
 
 
-def _cold_run(case: Path, weights: Path, cache_dir: Path, workdir: Path, options: PredictOptions) -> tuple[float, float, str]:
+def _cold_run(case: Path, weights: Path, cache_dir: Path, workdir: Path, max_batch: int) -> tuple[float, float, str]:
     """One process for one case, as the challenge runs it: (seconds, peak RSS MB, status)."""
     inp = workdir / "in"
     out = workdir / "out"
@@ -79,10 +81,9 @@ def _cold_run(case: Path, weights: Path, cache_dir: Path, workdir: Path, options
     for p in inp.iterdir():
         p.unlink()
     os.symlink(case.resolve(), inp / case.name)
-    cmd = [sys.executable, "-m", "app.cli", "predict", "-i", str(inp), "-o", str(out), "--weights", str(weights),
-           "--cache-dir", str(cache_dir), "--max-batch", str(options.max_batch)]
-    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parent.parent)
+    cmd = [sys.executable, "-m", "mcp_medsam", "predict", "-i", str(inp), "-o", str(out), "--weights", str(weights),
+           "--cache-dir", str(cache_dir), "--max-batch", str(max_batch)]
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], capture_output=True, text=True, cwd=workdir)
     try:
         seconds, rss_kb, rc = proc.stdout.split()[-3:]
     except ValueError:
@@ -101,52 +102,53 @@ print(time.perf_counter() - t, usage.ru_maxrss, os.waitstatus_to_exitcode(status
 """
 
 
-def run_bench(inputs: Path, *, weights: Path, cold: bool = True, with_torch: bool = True, threads: int | None = None,
-              options: PredictOptions | None = None, json_path: Path | None = None) -> BenchReport:
-    options = options or PredictOptions()
-    files = sorted(p for p in inputs.glob("*.npz") if p.is_file())
-    if not files:
-        raise FileNotFoundError(f"no .npz cases in {inputs}")
+def run_bench(inputs: Path, *, weights: Path | None = None, cold: bool = True,
+              torch_engine: Callable[..., Any] | None = None, threads: int | None = None, max_batch: int = 8,
+              json_path: Path | None = None) -> BenchReport:
+    """torch_engine: a factory ``(manifest, threads=...) -> engine`` with the Engine interface (the
+    PyTorch side's TorchEngine), timed on the same cases through the same Segmenter; None: no column."""
+    files = case_files(inputs)
+    weights = Path(weights) if weights is not None else bundled_weights()
     manifest = load_manifest(weights)
     cache_dir = default_cache_dir()
     tp_before = matmul_throughput()
-    engine = Engine(manifest, cache_dir=cache_dir, threads=threads)
-    segmenter = Segmenter(engine, options)
+    segmenter = Segmenter(Engine(manifest, cache_dir=cache_dir, threads=threads), max_batch=max_batch)
     report = BenchReport(weights=str(weights), precision=manifest.precision, throughput_gflops=0.0)
     with tempfile.TemporaryDirectory() as tmp:
         tmpd = Path(tmp)
-        run_case(segmenter, files[0], tmpd, options)  # first calls allocate; not part of any case's time
+        run_case(segmenter, files[0], tmpd)  # first calls allocate; not part of any case's time
         for f in files:
-            r = run_case(segmenter, f, tmpd, options)
+            r = run_case(segmenter, f, tmpd)
             report.rows.append(BenchRow(case=f.name, boxes=r.boxes, slices=r.slices, gflops=r.gflops,
                                         warm_s=r.seconds, graph_s=r.graph_seconds, status=r.status))
         tp_after = matmul_throughput()
         report.throughput_gflops = (tp_before + tp_after) / 2
-        report.notes.append(f"fp32 matmul throughput {tp_before:.0f} GFLOP/s before, {tp_after:.0f} after the warm runs")
+        report.notes.append(f"fp32 matmul throughput {tp_before:.0f} GFLOP/s before, {tp_after:.0f} after the "
+                            "warm runs")
         if cold:
             for row, f in zip(report.rows, files):
-                row.cold_s, row.cold_rss_mb, status = _cold_run(f, weights, cache_dir, tmpd / "cold", options)
+                row.cold_s, row.cold_rss_mb, status = _cold_run(f, weights, cache_dir, tmpd / "cold", max_batch)
                 if status != "ok":
                     row.status = f"cold {status}"
-        if with_torch:
-            try:
-                from export.torch_engine import TorchEngine
-            except ImportError as exc:
-                report.notes.append(f"PyTorch side skipped ({exc}); install the export extra")
-            else:
-                try:
-                    tseg = Segmenter(TorchEngine(manifest, threads=threads), options)
-                except (FileNotFoundError, RuntimeError) as exc:
-                    report.notes.append(f"PyTorch side skipped: {exc}")
-                else:
-                    run_case(tseg, files[0], tmpd, options)
-                    for row, f in zip(report.rows, files):
-                        row.torch_s = run_case(tseg, f, tmpd, options).seconds
+        if torch_engine is not None:
+            _torch_column(report, torch_engine, manifest, files, tmpd, threads=threads, max_batch=max_batch)
     if json_path is not None:
-        from .atomic import write_json
+        from .io.atomic import write_json
 
         write_json(json_path, {**asdict(report), "rows": [asdict(r) for r in report.rows]})
     return report
+
+
+def _torch_column(report: BenchReport, factory: Callable[..., Any], manifest: Manifest, files: list[Path],
+                  tmpd: Path, *, threads: int | None, max_batch: int) -> None:
+    try:
+        tseg = Segmenter(factory(manifest, threads=threads), max_batch=max_batch)
+    except (FileNotFoundError, RuntimeError) as exc:
+        report.notes.append(f"PyTorch side skipped: {exc}")
+        return
+    run_case(tseg, files[0], tmpd)
+    for row, f in zip(report.rows, files):
+        row.torch_s = run_case(tseg, f, tmpd).seconds
 
 
 def _ratio(a: float, b: float) -> str:
@@ -157,7 +159,8 @@ def _line(r: BenchRow, tp: float) -> str:
     floor = r.gflops / tp
     other = 100 * (r.warm_s - r.graph_s) / r.warm_s if r.warm_s > 0 else float("nan")
     return (f"{r.case[:52]:<52} {r.boxes:>4} {r.slices:>3} {r.gflops:>7.0f} {floor:>8.2f} {r.warm_s:>7.2f} "
-            f"{_ratio(r.warm_s, floor):>5} {other:>5.1f} {r.cold_s:>7.2f} {_ratio(r.cold_s, floor):>5} {r.cold_rss_mb:>7.0f} "
+            f"{_ratio(r.warm_s, floor):>5} {other:>5.1f} {r.cold_s:>7.2f} {_ratio(r.cold_s, floor):>5} "
+            f"{r.cold_rss_mb:>7.0f} "
             f"{r.torch_s:>8.2f} {_ratio(r.torch_s, r.warm_s):>5}" + ("" if r.status == "ok" else f"  [{r.status}]"))
 
 

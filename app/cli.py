@@ -6,23 +6,28 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="MCP-MedSAM: box-prompted medical segmentation on the CPU (CVPR24 NPZ cases).")
 
-REPO_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
-# $MCP_MEDSAM_WEIGHTS (set in the container), else the weights/ folder of this source tree.
-DEFAULT_WEIGHTS = Path(os.environ.get("MCP_MEDSAM_WEIGHTS", REPO_WEIGHTS))
+WEIGHTS_HELP = ("Exported model folder (manifest.json). Default: $MCP_MEDSAM_WEIGHTS, else the weights installed "
+                "with mcp-medsam.")
+
+
+def _fail(exc: Exception) -> NoReturn:
+    """One line for the user, exit status 1."""
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(1)
 
 
 @cli.command()
 def predict(
     inputs: Path = typer.Option(..., "--input", "-i", help="Folder of CVPR24 *.npz cases (read in sorted order)."),
     outputs: Path = typer.Option(..., "--output", "-o", help="Folder for the segmentations (same file names, key 'segs')."),
-    weights: Path = typer.Option(DEFAULT_WEIGHTS, "--weights", help="Exported model folder (manifest.json). Default: $MCP_MEDSAM_WEIGHTS, else the bundled weights/."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
     backend: str = typer.Option("openvino", "--backend", help="openvino or onnxruntime (needs the folder's ONNX files)."),
     overlays: Optional[Path] = typer.Option(None, "--overlays", help="Also write a PNG per case (boxes and masks; middle slice for 3D)."),
     default_modality: Optional[str] = typer.Option(None, "--default-modality", help="Modality for file names without a known one (e.g. CT). Default: such cases fail."),
@@ -32,18 +37,15 @@ def predict(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="OpenVINO compiled-model cache. Default: $MCP_MEDSAM_CACHE or ~/.cache/mcp-medsam/openvino."),
 ) -> None:
     """Segment every case of a folder. Exit status 0 when every case succeeded, 1 otherwise."""
-    from .cases import CaseError
-    from .engine import EngineError
-    from .manifest import ManifestError
-    from .predictor import PredictOptions, predict_folder
+    from .batch import predict as run
+    from .errors import SegmentationError
 
     try:
-        results = predict_folder(inputs, outputs, weights=weights, backend=backend, overlays=overlays,
-                                 options=PredictOptions(default_modality=default_modality, max_batch=max_batch),
-                                 timing=timing, cache_dir=cache_dir, threads=threads)
-    except (CaseError, EngineError, ManifestError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1)
+        results = run(inputs, outputs, weights=weights, backend=backend, overlays=overlays,
+                      default_modality=default_modality, timing=timing, max_batch=max_batch, threads=threads,
+                      cache_dir=cache_dir)
+    except SegmentationError as exc:
+        _fail(exc)
     failed = [r for r in results if r.status != "ok"]
     total = sum(r.seconds for r in results)
     typer.echo(f"{len(results) - len(failed)}/{len(results)} cases segmented in {total:.1f} s", err=True)
@@ -76,7 +78,7 @@ def export(
     provenance: Optional[Path] = typer.Option(None, "--provenance", help="JSON file (an object) stored as manifest.json 'provenance': how the weights were made. Default: none."),
 ) -> None:
     """Export a checkpoint to ONNX + OpenVINO IR with manifest.json, and verify it against PyTorch."""
-    from export.exporter import ExportConfig, ExportError, export_model
+    from mcp_medsam_torch.exporter import ExportConfig, ExportError, export_model
 
     try:
         export_model(ExportConfig(out=out, checkpoint=checkpoint, clip=clip, text_features=text_features,
@@ -84,8 +86,7 @@ def export(
                                   calibration_cases=calibration_cases, int8_target_dice=int8_target_dice,
                                   description=description, provenance=_read_provenance(provenance)))
     except (ExportError, RuntimeError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1)
+        _fail(exc)
 
 
 @cli.command()
@@ -103,16 +104,14 @@ def evaluate(
     Overall = mean of the modality means (as the paper reports). Exit status 1 when a prediction
     is missing or broken."""
     try:
-        from .evaluate import EvaluationError, evaluate_folder, format_table
+        from .evaluation.evaluate import EvaluationError, evaluate_folder, format_table
     except ImportError as exc:  # scipy is the optional "eval" extra
-        typer.echo(f"error: evaluate needs {exc.name}: pip install 'mcp-medsam[eval]'", err=True)
-        raise typer.Exit(1)
+        _fail(RuntimeError(f"evaluate needs {exc.name}: pip install 'mcp-medsam[eval]'"))
     try:
         result = evaluate_folder(segs, gts, csv_path=csv_path, report_dir=report, timing_csv=timing,
                                  tolerance=tolerance, nsd_dsc_gate=nsd_dsc_gate)
     except EvaluationError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1)
+        _fail(exc)
     typer.echo(format_table(result), nl=False)
     raise typer.Exit(1 if any(c.status != "ok" for c in result.cases) else 0)
 
@@ -120,7 +119,7 @@ def evaluate(
 @cli.command()
 def bench(
     inputs: Path = typer.Option(..., "--input", "-i", help="Folder of CVPR24 *.npz cases."),
-    weights: Path = typer.Option(DEFAULT_WEIGHTS, "--weights", help="Exported model folder. Default: $MCP_MEDSAM_WEIGHTS, else the bundled weights/."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
     cold: bool = typer.Option(True, "--cold/--no-cold", help="Also time one process per case (as the challenge does), with its peak RSS."),
     with_torch: bool = typer.Option(True, "--torch/--no-torch", help="Also time the PyTorch model on the same cases (needs the export extra)."),
     max_batch: int = typer.Option(8, "--max-batch", min=1, help="Boxes per decoder call."),
@@ -133,23 +132,40 @@ def bench(
     throughput), warm and cold seconds and their floor ratios, the peak RSS of a cold run, and the
     PyTorch model's seconds side by side."""
     from .bench import format_report, run_bench
-    from .predictor import PredictOptions
+    from .errors import SegmentationError
 
-    report = run_bench(inputs, weights=weights, cold=cold, with_torch=with_torch, threads=threads,
-                       options=PredictOptions(max_batch=max_batch), json_path=json_path)
+    try:
+        report = run_bench(inputs, weights=weights, cold=cold, torch_engine=_torch_engine() if with_torch else None,
+                           threads=threads, max_batch=max_batch, json_path=json_path)
+    except SegmentationError as exc:
+        _fail(exc)
     typer.echo(format_report(report), nl=False)
+
+
+def _torch_engine():
+    """The PyTorch column of ``bench``, plugged in from the PyTorch side (None, said why, without it)."""
+    try:
+        from mcp_medsam_torch.torch_engine import TorchEngine
+    except ImportError as exc:
+        typer.echo(f"note: no PyTorch column ({exc}); install the export extra", err=True)
+        return None
+    return TorchEngine
 
 
 @cli.command()
 def warmup(
-    weights: Path = typer.Option(DEFAULT_WEIGHTS, "--weights", help="Exported model folder. Default: $MCP_MEDSAM_WEIGHTS, else the bundled weights/."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="OpenVINO compiled-model cache to fill. Default: $MCP_MEDSAM_CACHE or ~/.cache/mcp-medsam/openvino."),
 ) -> None:
     """Compile the graphs once into the cache, so that later runs load instead of compiling."""
-    from .engine import Engine, default_cache_dir
-    from .manifest import load_manifest
+    from .engine import default_cache_dir
+    from .errors import SegmentationError
+    from .segmenter import Segmenter
 
-    Engine(load_manifest(weights), cache_dir=cache_dir or default_cache_dir())
+    try:
+        Segmenter.load(weights, cache_dir=cache_dir)
+    except SegmentationError as exc:
+        _fail(exc)
     typer.echo(f"compiled-model cache ready in {cache_dir or default_cache_dir()}")
 
 
@@ -160,8 +176,8 @@ _PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_
 def train(ctx: typer.Context) -> None:
     """Train MCP-MedSAM with the paper's recipe (options: mcp-medsam train --help; export extra).
 
-    Multi-GPU or multi-node: torchrun --nproc_per_node N -m export.train train ..."""
-    from export.train.__main__ import main as train_main
+    Multi-GPU or multi-node: torchrun --nproc_per_node N -m mcp_medsam_torch.train train ..."""
+    from mcp_medsam_torch.train.__main__ import main as train_main
 
     raise typer.Exit(train_main(["train", *ctx.args], prog="mcp-medsam"))
 
@@ -169,7 +185,7 @@ def train(ctx: typer.Context) -> None:
 @cli.command(context_settings=_PASSTHROUGH, add_help_option=False)
 def distill(ctx: typer.Context) -> None:
     """Distil the warm start from LiteMedSAM, then fine-tune: the default model's recipe (see --help)."""
-    from export.train.__main__ import main as train_main
+    from mcp_medsam_torch.train.__main__ import main as train_main
 
     raise typer.Exit(train_main(["distill", *ctx.args], prog="mcp-medsam"))
 

@@ -14,13 +14,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .manifest import Manifest, ManifestError
+from .errors import EngineError, ManifestError
+from .manifest import Manifest
 
 BACKENDS = ("openvino", "onnxruntime")
-
-
-class EngineError(RuntimeError):
-    pass
 
 
 class Runner(Protocol):
@@ -99,8 +96,8 @@ class Engine:
     """The three graphs of an exported model behind typed calls.
 
     encode: (N, 3, S, S) float32 -> (N, C, E, E) float32.
-    decode: embeddings (K, C, E, E), indices/boxes/crops/modality rows for B boxes
-            -> logits (B, S, S), iou (B,), category logits (B, 11).
+    decode: the per-box graph's feed for B boxes (embeddings (K, C, E, E), indices, grid boxes,
+            crops, modality rows) -> logits (B, S, S), iou (B,), category logits (B, 11).
     clip:   (B, 3, 224, 224) -> (B, 512) (models with a CLIP tower only).
     """
 
@@ -137,17 +134,15 @@ class Engine:
         (name,), _ = self._names["clip_image"]
         return self._call("clip_image", {name: crops}, len(crops))[0]
 
-    def decode(self, *, embeddings: np.ndarray, embedding_index: np.ndarray, boxes: np.ndarray, crops: np.ndarray,
-               modality_index: np.ndarray, clip_features: np.ndarray | None = None
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        values = {"image_embeddings": embeddings, "embedding_index": embedding_index.astype(np.int64),
-                  "boxes": boxes.astype(np.float32), "crops": crops, "modality_index": modality_index.astype(np.int64),
-                  "clip_image_features": clip_features}
+    def decode(self, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """feed: :func:`mcp_medsam.prompts.decoder_feed` for B boxes -> logits (B, S, S), iou (B,),
+        category logits (B, 11)."""
         ins, _ = self._names["decoder"]
-        feed = {k: values[k] for k in ins}
-        if any(v is None for v in feed.values()):
-            raise EngineError("the decoder graph needs CLIP image features but none were computed")
-        logits, iou, category = self._call("decoder", feed, len(boxes))
+        missing = [k for k in ins if k not in feed]
+        if missing:
+            raise EngineError(f"the decoder graph needs {', '.join(missing)} (a model with a CLIP tower needs "
+                              f"CLIP image features)")
+        logits, iou, category = self._call("decoder", {k: feed[k] for k in ins}, len(feed["boxes"]))
         return logits[:, 0], iou[:, 0], category
 
     @property

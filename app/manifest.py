@@ -7,16 +7,33 @@ from here, never from constants in the runtime.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import ManifestError
+
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
+WEIGHTS_ENV = "MCP_MEDSAM_WEIGHTS"
 
 
-class ManifestError(RuntimeError):
-    pass
+def bundled_weights() -> Path:
+    """The default model folder: $MCP_MEDSAM_WEIGHTS if set, else the weights installed with the package.
+
+    A wheel carries them as package data (``mcp_medsam/weights/``); a source checkout or an
+    editable install reads the repository's top-level ``weights/`` folder, which the wheel is built from.
+    """
+    env = os.environ.get(WEIGHTS_ENV)
+    if env:
+        return Path(env)
+    from importlib.resources import files
+
+    installed = Path(str(files(__package__))) / "weights"
+    if (installed / MANIFEST_NAME).is_file():
+        return installed
+    return Path(__file__).resolve().parent.parent / "weights"
 
 
 @dataclass(frozen=True)
@@ -86,7 +103,8 @@ def load_manifest(folder: str | Path) -> Manifest:
     try:
         raw = json.loads(path.read_text())
         if raw.get("format_version") != FORMAT_VERSION:
-            raise ManifestError(f"{path}: format_version {raw.get('format_version')} (this runtime reads {FORMAT_VERSION})")
+            raise ManifestError(f"{path}: format_version {raw.get('format_version')} "
+                                f"(this runtime reads {FORMAT_VERSION})")
         pre = raw["preprocessing"]
         mod = raw["modalities"]
         graphs = {

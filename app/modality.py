@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import UnknownModality
+
 # Official category indices (the order of the modality embedding table and classifier).
 CATEGORIES: tuple[str, ...] = (
     "CT", "MR", "Endoscopy", "XRay", "PET", "Dermoscopy", "Mammography", "US", "OCT", "Fundus", "Microscopy",
@@ -22,10 +24,6 @@ ACCEPTED: dict[str, int] = {
 }
 
 
-class UnknownModality(ValueError):
-    pass
-
-
 def modality_token(name: str) -> str:
     """The modality token of a case file name: the token after ``2DBox_``/``3DBox_``.
 
@@ -36,6 +34,20 @@ def modality_token(name: str) -> str:
     if len(parts) > 1 and parts[0] in ("2DBox", "3DBox", "2D", "3D"):
         return parts[1]
     return parts[0]
+
+
+def accepted_token(modality: str) -> str:
+    """The accepted token a user's modality string names: exact (``X-Ray`` and ``XRay`` are both
+    tokens, with their own CLIP texts), else the one token equal to it ignoring case (``ct`` -> ``CT``).
+
+    Raises UnknownModality listing the accepted tokens.
+    """
+    if modality in ACCEPTED:
+        return modality
+    folded = [t for t in ACCEPTED if t.casefold() == str(modality).casefold()]
+    if len(folded) == 1:
+        return folded[0]
+    raise UnknownModality(f"unknown modality {modality!r}; accepted: {', '.join(ACCEPTED)}")
 
 
 def category_index(token: str) -> int:

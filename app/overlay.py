@@ -7,8 +7,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .atomic import atomic_file
-from .cases import Case
+from .io.atomic import atomic_file
+from .io.npz import Case
 
 
 def _colour(label: int) -> tuple[int, int, int]:

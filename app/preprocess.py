@@ -1,7 +1,8 @@
 """Pre- and post-processing exactly as the official MCP-MedSAM / LiteMedSAM pipelines, without torch.
 
 All functions are pure numpy/OpenCV. Shapes: images (H, W, 3) uint8, encoder input (3, S, S)
-float32 with S = 256 (read from the manifest), crops (3, n, n) float32 in [0, 1].
+float32 with S = 256 (read from the manifest), crops (3, n, n) float32 in [0, 1]. Box geometry
+lives in :mod:`.prompts`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,38 @@ from functools import lru_cache
 
 import cv2
 import numpy as np
+
+from .errors import InputError
+
+
+def check_image(a: np.ndarray, *, volume: bool, name: str = "image") -> np.ndarray:
+    """A user's image as the model takes it: (H, W, 3) uint8 for 2D (grey (H, W) or (H, W, 1) is
+    repeated to 3 channels), (D, H, W) uint8 for a volume. Numbers in 0..255 of another dtype are
+    converted (floats rounded); anything else raises InputError saying what is wrong (``name``: how
+    the message calls the array, e.g. ``imgs`` for an NPZ member)."""
+    a = np.asarray(a)
+    if volume:
+        if a.ndim != 3:
+            raise InputError(f"{name} has shape {a.shape}; a volume needs (D, H, W)")
+    else:
+        if a.ndim == 3 and a.shape[2] == 1:
+            a = a[:, :, 0]
+        if a.ndim == 2:
+            a = np.repeat(a[:, :, None], 3, axis=2)
+        if a.ndim != 3 or a.shape[2] != 3:
+            raise InputError(f"{name} has shape {a.shape}; a 2D image needs (H, W, 3) or (H, W)")
+    if min(a.shape) == 0:
+        raise InputError(f"{name} is empty (shape {a.shape})")
+    if a.dtype != np.uint8:
+        if a.dtype == np.bool_ or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+            raise InputError(f"{name} has dtype {a.dtype}; expected uint8 (or numbers in 0..255)")
+        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+            raise InputError(f"{name} contains NaN or infinite values")
+        lo, hi = a.min(), a.max()
+        if lo < 0 or hi > 255:
+            raise InputError(f"{name} values span {lo}..{hi}; expected 0..255")
+        a = np.rint(a).astype(np.uint8) if np.issubdtype(a.dtype, np.floating) else a.astype(np.uint8)
+    return np.ascontiguousarray(a)
 
 
 def resized_shape(h: int, w: int, target: int) -> tuple[int, int]:
@@ -33,43 +66,6 @@ def encoder_input(img: np.ndarray, target: int) -> tuple[np.ndarray, tuple[int, 
     out = np.zeros((3, target, target), dtype=np.float32)
     out[:, :nh, :nw] = norm.transpose(2, 0, 1) if norm.ndim == 3 else norm
     return out, (nh, nw)
-
-
-def box_to_grid(box: np.ndarray, h: int, w: int, target: int) -> np.ndarray:
-    """Box coordinates (any length) to the target grid by truncation: ``int(c * target / max(h, w))``."""
-    ratio = target / max(h, w)
-    return np.trunc(np.asarray(box, dtype=np.float64) * ratio).astype(np.float32)
-
-
-def mask_box_on_grid(mask: np.ndarray, bbox: np.ndarray, new_hw: tuple[int, int], target: int) -> np.ndarray:
-    """Bounding box (x0, y0, x1, y1) float32 of a (H, W) bool mask as seen on the resized grid.
-
-    As the official propagation: the mask is resized with INTER_AREA to the encoder's resized size
-    and the box taken there, which places its edges where the mask's pixels land on the grid
-    (truncating the original box instead is up to one source pixel off: several grid pixels for
-    small images). The mask is resized as 0/1, not as its label value (the official code resizes
-    the label image, which makes the box depend on the label number). If the mask vanishes in the
-    resize, the truncated original box is used.
-    """
-    nh, nw = new_hw
-    small = cv2.resize(mask.astype(np.uint8), (nw, nh), interpolation=cv2.INTER_AREA)
-    ys, xs = np.nonzero(small)
-    if not len(xs):
-        h, w = mask.shape
-        return box_to_grid(bbox, h, w, target)
-    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float32)
-
-
-def propagated_prompt(mask: np.ndarray, new_hw: tuple[int, int], target: int, margin: int
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """The next slice's prompt from a non-empty (H, W) bool mask: (crop box in original pixels
-    (4,) int, grid box (4,) float32), both the mask's bounding box widened by ``margin``."""
-    h, w = mask.shape
-    ys, xs = np.nonzero(mask)
-    bb = np.array([xs.min(), ys.min(), xs.max(), ys.max()])
-    pad = np.array([-margin, -margin, margin, margin])
-    grid = np.clip(mask_box_on_grid(mask, bb, new_hw, target) + pad, 0, target)
-    return np.clip(bb + pad, 0, [w, h, w, h]), grid
 
 
 @lru_cache(maxsize=256)
@@ -108,21 +104,6 @@ def resize_aa(img: np.ndarray, size: int) -> np.ndarray:
     t = (wy @ x.reshape(x.shape[0], -1)).reshape(size, x.shape[1], 3)
     out = np.einsum("ow,hwc->cho", wx, t, optimize=True)
     return np.ascontiguousarray(out, dtype=np.float32)
-
-
-def crop_box(img: np.ndarray, box: np.ndarray) -> np.ndarray:
-    """``img[y0:y1, x0:x1]`` as the official code crops (max row/column excluded).
-
-    Coordinates are clipped to the image first, and an empty crop keeps at least one row and
-    column (the official inference raises on an empty crop; its training loader substitutes zeros).
-    """
-    h, w = img.shape[:2]
-    x0, y0, x1, y1 = (int(v) for v in box[:4])
-    x0 = min(max(x0, 0), w - 1)
-    y0 = min(max(y0, 0), h - 1)
-    x1 = min(max(x1, x0 + 1), w)
-    y1 = min(max(y1, y0 + 1), h)
-    return img[y0:y1, x0:x1]
 
 
 def postprocess_logits(logits: np.ndarray, new_hw: tuple[int, int], orig_hw: tuple[int, int]) -> np.ndarray:

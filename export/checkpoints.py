@@ -188,7 +188,7 @@ def load_litemedsam(path: str | Path | None = None) -> LiteMedSAM:
 
 @torch.no_grad()
 def _init_warm_start_branches(model: MCPMedSAM) -> None:
-    """New MCP branches start as close to LiteMedSAM's behaviour as weights allow (DESIGN.md).
+    """New MCP branches start as close to LiteMedSAM's behaviour as weights allow (docs/ARCHITECTURE.md).
 
     FiLM and the last layer of every new residual branch are zero, the fuse conv passes the
     modality path (= the transformer's image features) through, the crop CNN outputs LiteMedSAM's
@@ -199,15 +199,19 @@ def _init_warm_start_branches(model: MCPMedSAM) -> None:
     c = dec.transformer_dim
     for block in (dec.m_conv, dec.convs, dec.c_conv):
         block.conv2.weight.zero_()
-    dec.w_lin.weight.zero_(); dec.w_lin.bias.zero_()
-    dec.b_lin.weight.zero_(); dec.b_lin.bias.zero_()
-    dec.conv1.weight.zero_(); dec.conv1.bias.zero_()
+    dec.w_lin.weight.zero_()
+    dec.w_lin.bias.zero_()
+    dec.b_lin.weight.zero_()
+    dec.b_lin.bias.zero_()
+    dec.conv1.weight.zero_()
+    dec.conv1.bias.zero_()
     dec.conv1.weight[:, :c, 0, 0] = torch.eye(c)
     last = getattr(pe.crop_nets, f"conv{pe.crop_nets.num_blocks + 1}")
     last.weight.zero_()
     last.bias.copy_(pe.no_mask_embed.weight[0])
     for mlp in (pe.clip_img_mlp, pe.mlps):
-        mlp.fc2.weight.zero_(); mlp.fc2.bias.zero_()
+        mlp.fc2.weight.zero_()
+        mlp.fc2.bias.zero_()
 
 
 def warm_start_from_state(state: Mapping[str, torch.Tensor], *, variant: str = "mcp_medsam", seed: int = 0,

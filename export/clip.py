@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from app.modality import ACCEPTED, CATEGORIES, clip_text
+from mcp_medsam.modality import ACCEPTED, CATEGORIES, clip_text
 
 
 class ClipError(RuntimeError):

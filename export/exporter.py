@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from app import preprocess
-from app.atomic import write_json
-from app.manifest import FORMAT_VERSION, MANIFEST_NAME
-from app.modality import ACCEPTED, CATEGORIES, modality_token
+from mcp_medsam import preprocess, prompts
+from mcp_medsam.io.atomic import write_json
+from mcp_medsam.manifest import FORMAT_VERSION, MANIFEST_NAME
+from mcp_medsam.modality import ACCEPTED, CATEGORIES, modality_token
 
 from .checkpoints import load_mcp_medsam, sha256_file, warm_start_from_litemedsam
 from .model import MCPMedSAM, variant_name
@@ -81,7 +81,8 @@ def _load_model(cfg: ExportConfig) -> tuple[MCPMedSAM, dict[str, Any]]:
     return model, source
 
 
-def text_features_for(cfg: ExportConfig, clip: nn.Module | None, tokens: list[str], dim: int) -> tuple[np.ndarray, dict]:
+def text_features_for(cfg: ExportConfig, clip: nn.Module | None, tokens: list[str],
+                      dim: int) -> tuple[np.ndarray, dict]:
     """(len(tokens), dim) float32 CLIP text features per accepted modality string, and their origin:
     the --text-features table, else the CLIP text tower, else zeros (a model without CLIP)."""
     from .clip import text_features_from_clip, text_features_from_table
@@ -187,7 +188,8 @@ def _ort_session(path: Path) -> Callable[[dict[str, np.ndarray]], list[np.ndarra
     return lambda feed: sess.run(None, feed)
 
 
-def _real_inputs(folder: Path | None, n: int, rng: np.random.Generator) -> list[tuple[str, np.ndarray, np.ndarray, str]]:
+def _real_inputs(folder: Path | None, n: int,
+                 rng: np.random.Generator) -> list[tuple[str, np.ndarray, np.ndarray, str]]:
     """(label, image (H, W, 3) uint8, boxes (K, 4) in original pixels, modality token) for verification."""
     items = []
     if folder is not None:
@@ -243,16 +245,17 @@ def verify(folder: Path, builds: list[GraphBuild], model: MCPMedSAM, cfg: Export
         feeds["image_encoder"].append((label, {"image": x[None]}))
         emb = torch_run("image_encoder", {"image": x[None]})[0]
         h, w = img.shape[:2]
-        grid = np.stack([preprocess.box_to_grid(b, h, w, s) for b in boxes]).astype(np.float32)
-        crops = np.stack([preprocess.resize_aa(preprocess.crop_box(img, b), e) for b in boxes])
+        grid = np.stack([prompts.box_to_grid(b, h, w, s) for b in boxes])
         row = tokens.index(token) if token in tokens else 0
-        feed = {"image_embeddings": emb, "embedding_index": np.zeros(len(boxes), np.int64), "boxes": grid,
-                "crops": crops, "modality_index": np.full(len(boxes), row, np.int64)}
+        feats = None
         if "clip_image" in formats:
-            cc = np.stack([preprocess.resize_aa(preprocess.crop_box(img, b), mc.clip_crop_size) for b in boxes])
+            cc = prompts.content_crops(img, boxes, mc.clip_crop_size)
             feeds["clip_image"].append((label, {"crops_clip": cc}))
-            feed["clip_image_features"] = torch_run("clip_image", {"crops_clip": cc})[0]
-        feeds["decoder"].append((label, feed))
+            feats = torch_run("clip_image", {"crops_clip": cc})[0]
+        feeds["decoder"].append((label, prompts.decoder_feed(
+            embeddings=emb, embedding_index=np.zeros(len(boxes), np.int64), boxes=grid,
+            crops=prompts.content_crops(img, boxes, e), modality_index=np.full(len(boxes), row, np.int64),
+            clip_features=feats)))
     k = 3
     rnd = {"image_embeddings": rng.normal(0, 0.1, (2, mc.embed_dim, e, e)).astype(np.float32),
            "embedding_index": np.array([0, 1, 1], np.int64),

@@ -3,10 +3,10 @@
 ``quantize_folder`` rewrites the FP32 IR graphs in place with NNCF FakeQuantize ops (the OpenVINO
 CPU plugin runs them as INT8 with VNNI) and returns a report for the manifest. It needs no
 PyTorch: the FP32 IR the exporter just wrote is the reference, so the result is plain IR that
-``app.engine`` loads unchanged.
+``mcp_medsam.engine`` loads unchanged.
 
 Calibration and validation use real cases exactly as the runtime sees them:
-- encoder: slices preprocessed by ``app.preprocess.encoder_input`` (2D images; several slices of
+- encoder: slices preprocessed by ``mcp_medsam.preprocess.encoder_input`` (2D images; several slices of
   each 3D box, not only the middle one);
 - decoder: per-box inputs on FP32 image embeddings, for the given boxes, jittered boxes (up to
   ``jitter`` grid pixels per side, as in training) and propagation-style boxes (the bounding box of
@@ -31,8 +31,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from app import preprocess
-from app.modality import ACCEPTED, modality_token
+from mcp_medsam import preprocess, prompts
+from mcp_medsam.modality import ACCEPTED, modality_token
 
 TARGET_DICE = 0.985  # validation target; the exporter's bar against PyTorch is 0.98
 
@@ -92,7 +92,7 @@ def synthetic_image(rng: np.random.Generator, h: int = 300, w: int = 400) -> tup
 def _slices_of_case(path: Path | None, rng: np.random.Generator, *, fractions: Iterable[float], max_boxes: int,
                     tokens: list[str]) -> list[tuple[str, np.ndarray, np.ndarray, int]]:
     """(tag, image (H, W, 3), boxes (K, 4) original px, modality row) for slices of one case."""
-    from app.cases import load_case
+    from mcp_medsam.io.npz import load_case
 
     if path is None:
         img, boxes = synthetic_image(rng)
@@ -116,17 +116,6 @@ def _slices_of_case(path: Path | None, rng: np.random.Generator, *, fractions: I
     for z, bs in sorted(per_z.items()):
         out.append((f"{path.name}[z={z}]", np.repeat(vol[z][:, :, None], 3, axis=2), np.stack(bs), row))
     return out
-
-
-def _jitter(box: np.ndarray, h: int, w: int, s: int, rng: np.random.Generator, px: int) -> tuple[np.ndarray, np.ndarray]:
-    """A box shifted by up to px grid pixels per side: (crop box in original px, grid box)."""
-    g = preprocess.box_to_grid(box, h, w, s)
-    g = g + rng.integers(-px, px + 1, 4)
-    g = np.clip(g, 0, s - 1).astype(np.float32)
-    g[2:] = np.maximum(g[2:], g[:2] + 1)
-    scale = max(h, w) / s
-    crop = np.clip(np.round(g * scale), 0, [w, h, w, h]).astype(np.int64)
-    return crop, g
 
 
 # ---------------------------------------------------------------- running IR
@@ -153,9 +142,9 @@ def _decoder_feed(emb: np.ndarray, sp: SlicePrompts, crop_size: int, idx: slice 
     cb, gb = sp.crop_boxes, sp.grid_boxes
     if idx is not None:
         cb, gb = cb[idx], gb[idx]
-    crops = np.stack([preprocess.resize_aa(preprocess.crop_box(sp.img, b), crop_size) for b in cb])
-    return {"image_embeddings": emb[None], "embedding_index": np.zeros(len(gb), np.int64),
-            "boxes": gb.astype(np.float32), "crops": crops, "modality_index": np.full(len(gb), sp.row, np.int64)}
+    return prompts.decoder_feed(embeddings=emb[None], embedding_index=np.zeros(len(gb), np.int64), boxes=gb,
+                                crops=prompts.content_crops(sp.img, cb, crop_size),
+                                modality_index=np.full(len(gb), sp.row, np.int64))
 
 
 def _decode_all(dec: Callable, emb: np.ndarray, sp: SlicePrompts, crop_size: int, batch: int) -> np.ndarray:
@@ -208,21 +197,23 @@ def build_data(folder: Path | None, n_cases: int, enc: IR, dec: IR, *, tokens: l
                 x, new_hw = preprocess.encoder_input(img, s)
                 emb = enc({"image": x[None]})[0]
                 given = SlicePrompts(tag, img, boxes.astype(np.int64),
-                                     np.stack([preprocess.box_to_grid(b, h, w, s) for b in boxes]),
+                                     np.stack([prompts.box_to_grid(b, h, w, s) for b in boxes]),
                                      ["given"] * len(boxes), row, new_hw, x, emb)
                 logits = _decode_all(dec, emb, given, crop_size, 8)
                 crops, grids, kinds = [], [], []
                 for b, lg in zip(boxes, logits):
                     crops.append(b)
-                    grids.append(preprocess.box_to_grid(b, h, w, s))
+                    grid = prompts.box_to_grid(b, h, w, s)
+                    grids.append(grid)
                     kinds.append("given")
-                    c, g = _jitter(b, h, w, s, rng, jitter)
+                    # Shifts both ways (inward too): calibration sees loose and tight boxes.
+                    g, c = prompts.jitter_box(grid, b, rng.integers(-jitter, jitter + 1, 4), hw=(h, w), size=s)
                     crops.append(c)
                     grids.append(g)
                     kinds.append("jitter")
                     mask = preprocess.postprocess_logits(lg, new_hw, (h, w))
                     if mask.any():
-                        c, g = preprocess.propagated_prompt(mask, new_hw, s, margin)
+                        c, g = prompts.propagated_prompt(mask, new_hw, s, margin)
                         crops.append(c)
                         grids.append(g)
                         kinds.append("propagated")

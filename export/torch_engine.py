@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.engine import CallStats
-from app.manifest import Manifest
+from mcp_medsam.engine import CallStats
+from mcp_medsam.manifest import Manifest
 
 from .checkpoints import load_mcp_medsam, warm_start_from_litemedsam
 from .exporter import ExportConfig, modality_token_table, text_features_for
-from .wrappers import ClipImageGraph, DecoderGraph, ImageEncoderGraph
+from .wrappers import GRAPH_IO, ClipImageGraph, DecoderGraph, ImageEncoderGraph
 
 
 class TorchEngine:
@@ -69,12 +69,8 @@ class TorchEngine:
     def clip(self, crops: np.ndarray) -> np.ndarray:
         return self._timed("clip_image", len(crops), self._clip, torch.from_numpy(crops)).numpy()
 
-    def decode(self, *, embeddings: np.ndarray, embedding_index: np.ndarray, boxes: np.ndarray, crops: np.ndarray,
-               modality_index: np.ndarray, clip_features: np.ndarray | None = None
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        args = [torch.from_numpy(a) for a in (embeddings, embedding_index.astype(np.int64), boxes.astype(np.float32),
-                                              crops, modality_index.astype(np.int64))]
-        if clip_features is not None:
-            args.append(torch.from_numpy(clip_features))
-        logits, iou, category = self._timed("decoder", len(boxes), self._decoder, *args)
+    def decode(self, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        names = list(GRAPH_IO["decoder"]["inputs"][: 6 if self._clip is not None else 5])
+        args = [torch.from_numpy(np.ascontiguousarray(feed[k])) for k in names]
+        logits, iou, category = self._timed("decoder", len(feed["boxes"]), self._decoder, *args)
         return logits[:, 0].numpy(), iou[:, 0].numpy(), category.numpy()

@@ -1,6 +1,6 @@
 """Export wrappers: small trace-friendly modules, one per runtime graph (no Python branching on data).
 
-Graph boundary (DESIGN.md): per model, the modality tokens of every accepted modality string, the
+Graph boundary (docs/ARCHITECTURE.md): per model, the modality tokens of every accepted modality string, the
 content token of a model without CLIP tower and the dense positional encoding are constants; per
 image or slice the TinyViT embedding; per box the crop CNN, prompt encoder and decoder, batched
 over the boxes of a call, with each box reading its image embedding by index (no copies of the

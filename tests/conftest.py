@@ -30,7 +30,7 @@ def module_io() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="session")
 def golden_model():
-    from export.checkpoints import load_mcp_medsam
+    from mcp_medsam_torch.checkpoints import load_mcp_medsam
 
     model, _ = load_mcp_medsam(need(GOLDEN / "mcp_medsam_golden.pth"))
     return model
@@ -40,7 +40,7 @@ def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     """A randomly initialised 'tiny' MCP-MedSAM saved as our training checkpoints are."""
     import torch
 
-    from export.model import build_mcp_medsam
+    from mcp_medsam_torch.model import build_mcp_medsam
 
     torch.manual_seed(seed)
     model = build_mcp_medsam("tiny")
@@ -51,7 +51,7 @@ def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory) -> Path:
     """An exported tiny model (ONNX + IR + manifest): the runtime tests run on it in seconds."""
-    from export.exporter import ExportConfig, export_model
+    from mcp_medsam_torch.exporter import ExportConfig, export_model
 
     tmp = tmp_path_factory.mktemp("tiny")
     return export_model(ExportConfig(out=tmp / "weights", checkpoint=tiny_checkpoint(tmp / "tiny.pth")))
@@ -59,7 +59,7 @@ def tiny_export(tmp_path_factory) -> Path:
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     """The real console entry point, in a fresh interpreter."""
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "mcp_medsam", *args], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=timeout)
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.cases import CaseError, load_case
+from mcp_medsam.io.npz import load_case
+from mcp_medsam.errors import InputError
 
 
 def save(path, **arrays):
@@ -37,27 +38,27 @@ def test_bad_inputs(tmp_path, arrays, message):
     boxes = arrays.get("boxes")
     kind = "3DBox" if boxes is not None and boxes.shape[-1] == 6 and arrays.get("imgs") is IMG3 else "2DBox"
     path = save(tmp_path / f"{kind}_CT_x.npz", **arrays)
-    with pytest.raises(CaseError) as err:
+    with pytest.raises(InputError) as err:
         load_case(path)
     assert message in str(err.value)
 
 
 def test_unreadable_files(tmp_path):
     (tmp_path / "a.npz").write_text("plain text")
-    with pytest.raises(CaseError, match="not a readable .npz file"):
+    with pytest.raises(InputError, match="not a readable .npz file"):
         load_case(tmp_path / "a.npz")
     np.save(tmp_path / "b.npy", IMG2)
     (tmp_path / "b.npy").rename(tmp_path / "b.npz")
-    with pytest.raises(CaseError, match="not a readable .npz file"):
+    with pytest.raises(InputError, match="not a readable .npz file"):
         load_case(tmp_path / "b.npz")
     (tmp_path / "t.npz").write_bytes(b"PK\x03\x04" + bytes(20))  # a truncated archive
-    with pytest.raises(CaseError, match="not a readable .npz file"):
+    with pytest.raises(InputError, match="not a readable .npz file"):
         load_case(tmp_path / "t.npz")
     vol = save(tmp_path / "3DBox_CT_y.npz", imgs=IMG3, boxes=np.array([[1, 1, 5, 5]]))
-    with pytest.raises(CaseError, match="boxes of 4 coordinates in a 3DBox_ case"):
+    with pytest.raises(InputError, match="boxes of 4 coordinates in a 3DBox_ case"):
         load_case(vol)
     np.savez(tmp_path / "c.npz", imgs=np.array([object()], dtype=object), boxes=np.zeros((0, 4)))
-    with pytest.raises(CaseError, match="unreadable array"):
+    with pytest.raises(InputError, match="unreadable array"):
         load_case(tmp_path / "c.npz")
 
 

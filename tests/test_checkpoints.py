@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from conftest import GOLDEN, need, tiny_checkpoint
-from export.checkpoints import (
+from mcp_medsam_torch.checkpoints import (
     CheckpointError, checkpoint_variant, convert_state_dict, litemedsam_checkpoint_path, load_litemedsam,
     load_mcp_medsam, warm_start_from_litemedsam, warm_start_from_state,
 )
-from export.model import build_litemedsam, build_mcp_medsam
+from mcp_medsam_torch.model import build_litemedsam, build_mcp_medsam
 
 
 def test_golden_checkpoint_loads_strictly_and_is_cast_to_float32():

@@ -31,7 +31,7 @@ def test_dockerfile_lints_clean():
 def test_dockerignore_is_a_whitelist():
     lines = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines() if ln.strip() and ln[0] != "#"]
     assert lines[0] == "*"
-    assert {"!app/", "!weights/", "!pyproject.toml", "!predict.sh"} <= set(lines)
+    assert {"!app/", "!export/", "!weights/", "!pyproject.toml", "!predict.sh"} <= set(lines)
 
 
 @pytest.mark.slow

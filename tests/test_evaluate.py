@@ -11,8 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
-from app.evaluate import EvaluationError, case_modality, evaluate_folder, format_table
-from app.report import write_report
+from mcp_medsam.evaluation.evaluate import EvaluationError, case_modality, evaluate_folder, format_table
+from mcp_medsam.evaluation.report import write_report
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 GTS = SHARED / "data" / "sample" / "gts"

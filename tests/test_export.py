@@ -32,7 +32,7 @@ def test_manifest_describes_the_folder(tiny_export):
 
 
 def test_runtime_reads_the_manifest(tiny_export):
-    from app.manifest import load_manifest
+    from mcp_medsam.manifest import load_manifest
 
     m = load_manifest(tiny_export)
     assert (m.image_size, m.embedding_size, m.crop_size, m.embed_dim) == (64, 16, 16, 32)
@@ -41,7 +41,7 @@ def test_runtime_reads_the_manifest(tiny_export):
 
 
 def test_failed_verification_writes_nothing(tmp_path, monkeypatch):
-    import export.exporter as ex
+    import mcp_medsam_torch.exporter as ex
 
     real = ex._ov_compile
 

@@ -1,4 +1,4 @@
-"""DSC / NSD against answers derived independently of app.metrics' pipeline (no shared data needed)."""
+"""DSC / NSD against answers derived independently of the metrics module's pipeline (no shared data needed)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from app.metrics import case_scores, dice, nsd, surfel_area_table
+from mcp_medsam.evaluation.metrics import case_scores, dice, nsd, surfel_area_table
 
 
 def ball(shape, centre, radius, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
@@ -21,7 +21,7 @@ def ball(shape, centre, radius, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
 def brute_surfels(mask: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray]:
     """(points in mm (N, 3), areas (N,)) of the surfels of a 3D mask, one 2x2x2 cell at a time.
 
-    Written as plain loops (no correlation, no bit tricks shared with app.metrics): cell (i, j, k)
+    Written as plain loops (no correlation, no bit tricks shared with mcp_medsam.evaluation.metrics): cell (i, j, k)
     covers voxels i-1..i, j-1..j, k-1..k of the mask; corner (a, b, c) weighs 2**(7 - 4a - 2b - c).
     """
     table = surfel_area_table(tuple(float(s) for s in spacing))

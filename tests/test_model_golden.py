@@ -19,7 +19,7 @@ TOL = dict(rtol=1e-4, atol=1e-4)
 
 
 def test_state_dict_layout_matches_the_official_manifest():
-    from export.model import build_litemedsam, build_mcp_medsam
+    from mcp_medsam_torch.model import build_litemedsam, build_mcp_medsam
 
     ref = json.loads(need(SHARED / "reference" / "mcp_medsam_state_dict.json").read_text())
     for model, key in ((build_mcp_medsam(), "mcp_medsam"), (build_litemedsam(), "lite_medsam")):

@@ -1,4 +1,5 @@
-"""Torch-free preprocessing against the golden arrays and against torch's own resampling."""
+"""Torch-free preprocessing against the golden arrays and against torch's own resampling (prompt
+geometry: tests/test_prompts.py)."""
 
 from __future__ import annotations
 
@@ -8,29 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from app import preprocess as pp
+from mcp_medsam import preprocess as pp
+from mcp_medsam.errors import InputError
 
 
 def test_encoder_input_matches_golden(module_io):
     x, new_hw = pp.encoder_input(module_io["image_uint8"], 256)
     assert new_hw == (256, 256)
     np.testing.assert_array_equal(x, module_io["image"][0])
-
-
-def test_crops_match_golden(module_io):
-    img = module_io["image_uint8"]
-    crops = np.stack([pp.resize_aa(pp.crop_box(img, b), 64) for b in module_io["boxes_orig"]])
-    np.testing.assert_allclose(crops, module_io["crops_64"], atol=1e-6, rtol=0)
-
-
-def test_boxes_to_grid_match_golden(module_io):
-    grid = np.stack([pp.box_to_grid(b, 256, 256, 256) for b in module_io["boxes_orig"]])
-    np.testing.assert_array_equal(grid, module_io["boxes_256"][:, 0])
-
-
-def test_box_scaling_truncates():
-    # 1000 px -> 256: 999 * 0.256 = 255.74 -> 255; 3 * 0.256 = 0.768 -> 0.
-    np.testing.assert_array_equal(pp.box_to_grid(np.array([3, 10, 999, 500]), 500, 1000, 256), [0, 2, 255, 128])
 
 
 @pytest.mark.parametrize("h,w,size", [(10, 10, 64), (100, 10, 64), (63, 65, 64), (128, 128, 64), (300, 301, 224),
@@ -69,19 +55,15 @@ def test_postprocess_matches_torch_bilinear(h, w):
     assert np.all(np.abs(ref[differ]) < 1e-3)
 
 
-def test_crop_box_is_official_and_never_empty():
-    img = np.arange(100 * 80 * 3, dtype=np.uint8).reshape(100, 80, 3)
-    np.testing.assert_array_equal(pp.crop_box(img, np.array([10, 20, 30, 50])), img[20:50, 10:30])
-    assert pp.crop_box(img, np.array([5, 5, 5, 9])).shape == (4, 1, 3)  # zero width -> one column
-    assert pp.crop_box(img, np.array([79, 99, 79, 99])).shape == (1, 1, 3)
-
-
-def test_mask_box_on_grid_follows_the_mask_on_the_resized_grid():
-    mask = np.zeros((30, 27), bool)
-    mask[10:14, 5:9] = True  # rows 10..13, cols 5..8
-    nh, nw = pp.resized_shape(30, 27, 256)
-    box = pp.mask_box_on_grid(mask, np.array([5, 10, 8, 13]), (nh, nw), 256)
-    small = cv2.resize(mask.astype(np.uint8), (nw, nh), interpolation=cv2.INTER_AREA)
-    ys, xs = np.nonzero(small)
-    np.testing.assert_array_equal(box, [xs.min(), ys.min(), xs.max(), ys.max()])
-    assert box[2] > pp.box_to_grid(np.array([8]), 30, 27, 256)[0]  # beyond the truncated corner
+def test_check_image_converts_and_refuses_with_a_reason():
+    grey = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    np.testing.assert_array_equal(pp.check_image(grey, volume=False), np.repeat(grey[:, :, None], 3, axis=2))
+    assert pp.check_image(grey.astype(np.float64), volume=False).dtype == np.uint8
+    with pytest.raises(InputError, match="0..255"):
+        pp.check_image(np.full((3, 4), 300.0), volume=False)
+    with pytest.raises(InputError, match="NaN"):
+        pp.check_image(np.full((3, 4), np.nan), volume=False)
+    with pytest.raises(InputError, match=r"needs \(D, H, W\)"):
+        pp.check_image(grey, volume=True)
+    with pytest.raises(InputError, match="dtype bool"):
+        pp.check_image(np.zeros((3, 4), bool), volume=False)

@@ -11,7 +11,7 @@ from conftest import SAMPLE, need, run_cli, tiny_checkpoint
 
 
 def test_mask_dice_counts_only_the_image_region():
-    from export.quantize import mask_dice
+    from mcp_medsam_torch.quantize import mask_dice
 
     ref = np.full((2, 8, 8), -1.0, np.float32)
     got = ref.copy()
@@ -25,8 +25,8 @@ def test_mask_dice_counts_only_the_image_region():
 
 
 def test_calibration_cases_cover_every_modality():
-    from app.modality import modality_token
-    from export.quantize import spread_cases
+    from mcp_medsam.modality import modality_token
+    from mcp_medsam_torch.quantize import spread_cases
 
     folder = need(SAMPLE / "imgs")
     groups = {(f.name.split("_")[0], modality_token(f.name)) for f in folder.glob("*.npz")}
@@ -38,7 +38,7 @@ def test_calibration_cases_cover_every_modality():
 
 @pytest.mark.slow
 def test_int8_export_quantizes_verifies_and_predicts(tmp_path, tiny_export):
-    from export.exporter import ExportConfig, export_model
+    from mcp_medsam_torch.exporter import ExportConfig, export_model
 
     sample = need(SAMPLE / "imgs")
     out = export_model(ExportConfig(out=tmp_path / "int8", checkpoint=tiny_checkpoint(tmp_path / "tiny.pth"),

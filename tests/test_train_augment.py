@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.preprocess import box_to_grid, crop_box, encoder_input, resize_aa
-from export.train.augment import AugmentConfig, make_sample, tight_box
-from export.train.data import build_index
-from export.train.dataset import TrainSamples
+from mcp_medsam.preprocess import encoder_input, resize_aa
+from mcp_medsam.prompts import box_to_grid, crop_box, tight_box
+from mcp_medsam_torch.train.augment import AugmentConfig, make_sample
+from mcp_medsam_torch.train.data import build_index
+from mcp_medsam_torch.train.dataset import TrainSamples
 
 from conftest import SAMPLE
 pytestmark = pytest.mark.skipif(not (SAMPLE / "imgs").is_dir(), reason="sample data missing")

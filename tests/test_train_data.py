@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.train import data as data_mod
-from export.train.data import CaseReader, DataError, build_index, find_case_files, split_by_case
+from mcp_medsam_torch.train import data as data_mod
+from mcp_medsam_torch.train.data import CaseReader, DataError, build_index, find_case_files, split_by_case
 
 from conftest import SAMPLE
 pytestmark = pytest.mark.skipif(not (SAMPLE / "imgs").is_dir(), reason="sample data missing")

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.checkpoints import load_mcp_medsam, read_checkpoint
-from export.train.distill import DistillConfig, run_distillation
+from mcp_medsam_torch.checkpoints import load_mcp_medsam, read_checkpoint
+from mcp_medsam_torch.train.distill import DistillConfig, run_distillation
 
 from conftest import SAMPLE
 pytestmark = [pytest.mark.skipif(not (SAMPLE / "imgs").is_dir(), reason="sample data missing"),

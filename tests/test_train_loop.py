@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from export.checkpoints import load_mcp_medsam, read_checkpoint
-from export.train.loop import TrainConfig, run_training
+from mcp_medsam_torch.checkpoints import load_mcp_medsam, read_checkpoint
+from mcp_medsam_torch.train.loop import TrainConfig, run_training
 
 from conftest import REPO as ROOT, SAMPLE
-pytestmark = [pytest.mark.skipif(not (SAMPLE / "imgs").is_dir(), reason="sample data missing"), pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = [pytest.mark.skipif(not (SAMPLE / "imgs").is_dir(), reason="sample data missing"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 
@@ -65,7 +66,7 @@ def test_resume_continues_exactly_and_checkpoints_are_official(tmp_path: Path) -
     model, _ = load_mcp_medsam(part / "last.pth", variant="tiny")
     assert not model.training
     # A training checkpoint exports as it is (variant read from the checkpoint) and verifies itself.
-    from export.exporter import ExportConfig, export_model
+    from mcp_medsam_torch.exporter import ExportConfig, export_model
 
     exported = export_model(ExportConfig(out=tmp_path / "exported", checkpoint=part / "last.pth", keep_onnx=False))
     assert '"variant": "tiny"' in (exported / "manifest.json").read_text()
@@ -109,7 +110,8 @@ def test_clip_features_in_the_loop_with_disk_cache(tmp_path: Path) -> None:
 def test_ddp_two_processes_gloo_end_identical(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "export.train", "train", "--data-dirs", str(SAMPLE), "--out-dir", str(out), "--init", "scratch",
+           "-m", "mcp_medsam_torch.train", "train", "--data-dirs", str(SAMPLE), "--out-dir", str(out),
+           "--init", "scratch",
            "--variant", "tiny", "--batch-size", "2", "--epochs", "2", "--steps-per-epoch", "2", "--max-steps", "3",
            "--workers", "0", "--threads", "1", "--no-progress", "--val-fraction", "0.2",
            "--val-slices-per-case", "1", "--val-labels-per-slice", "1"]

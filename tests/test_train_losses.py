@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from export.model import DecoderOutput
-from export.train.losses import contrastive_loss, dice_loss, distill_loss, iou_target, mcp_loss
+from mcp_medsam_torch.model import DecoderOutput
+from mcp_medsam_torch.train.losses import contrastive_loss, dice_loss, distill_loss, iou_target, mcp_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

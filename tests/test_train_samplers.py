@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from export.train.data import CaseRecord, DataIndex
-from export.train.samplers import PromptSampler, StepBatchSampler
+from mcp_medsam_torch.train.data import CaseRecord, DataIndex
+from mcp_medsam_torch.train.samplers import PromptSampler, StepBatchSampler
 
 
 def _index() -> DataIndex:

@@ -138,7 +138,7 @@ class TinyViTBlock(nn.Module):
         self.local_conv = ConvBN(dim, dim, kernel=3, groups=dim)
 
     def _windows(self, x: torch.Tensor) -> torch.Tensor:
-        b, l, c = x.shape
+        b, n, c = x.shape  # n = resolution**2 tokens
         h = w = self.resolution
         ws = self.window
         if h == ws and w == ws:
@@ -154,14 +154,14 @@ class TinyViTBlock(nn.Module):
         x = x.view(b, nw, nw, ws, ws, c).transpose(2, 3).reshape(b, ph, ph, c)
         if pad:
             x = x[:, :h, :w].contiguous()
-        return x.view(b, l, c)
+        return x.view(b, n, c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, l, c = x.shape
+        b, n, c = x.shape
         x = x + self._windows(x)
         x = x.transpose(1, 2).reshape(b, c, self.resolution, self.resolution)
         x = self.local_conv(x)
-        x = x.view(b, c, l).transpose(1, 2)
+        x = x.view(b, c, n).transpose(1, 2)
         return x + self.mlp(x)
 
 

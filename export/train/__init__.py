@@ -14,7 +14,7 @@ One module per concern:
 - :mod:`.loop`: :class:`TrainConfig` and :func:`run_training`;
 - :mod:`.distill`: :class:`DistillConfig` and :func:`run_distillation` (the default-model recipe).
 
-``python -m export.train {train,distill} --help`` runs either from a shell (and under torchrun).
+``python -m mcp_medsam_torch.train {train,distill} --help`` runs either from a shell (and under torchrun).
 The names below are imported lazily, so importing the package costs nothing until they are used.
 """
 

@@ -1,10 +1,10 @@
-"""``python -m export.train train|distill --option value ...``: the configs as a command line.
+"""``python -m mcp_medsam_torch.train train|distill --option value ...``: the configs as a command line.
 
 Options are generated from :class:`~.loop.TrainConfig` and :class:`~.distill.DistillConfig`
 (``data_dirs`` -> ``--data-dirs A B``, booleans as ``--flag/--no-flag``, ``none`` for an optional
 value). This is the script to give torchrun for multi-GPU training::
 
-    torchrun --nproc_per_node 8 -m export.train train --data-dirs /data/train --out-dir runs/a
+    torchrun --nproc_per_node 8 -m mcp_medsam_torch.train train --data-dirs /data/train --out-dir runs/a
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _parser_for(cls: type, sub: argparse._SubParsersAction, name: str) -> None:
     p.set_defaults(_cls=cls)
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m export.train") -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m mcp_medsam_torch.train") -> int:
     from .distill import DistillConfig, run_distillation
     from .loop import TrainConfig, run_training
 

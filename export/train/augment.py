@@ -1,6 +1,6 @@
 """One training sample from one (slice, label): preprocessing, flips, box jitter, crops.
 
-Preprocessing is the appliance's own (:mod:`app.preprocess`, DESIGN.md "Preprocessing"), so the
+Preprocessing and prompts are the appliance's own (:mod:`mcp_medsam.preprocess`, :mod:`mcp_medsam.prompts`), so the
 model trains on exactly what it sees at inference: longest side to S with INTER_AREA, min-max to
 [0, 1], zero padding bottom/right; the box truncated to the S grid; the content crops taken from
 the uint8 image at original resolution, /255, antialiased bilinear to E and to the CLIP size.
@@ -15,7 +15,7 @@ Where this deliberately differs from the official loader (``modality_npz_dataset
   stays at the bottom/right as at inference; the official loader flips the padded S x S image,
   which moves the padding to the top/left.
 - The box is the original-resolution tight box of the label mapped with
-  :func:`app.preprocess.box_to_grid` (as inference maps the challenge boxes), then each side moved
+  :func:`mcp_medsam.prompts.box_to_grid` (as inference maps the challenge boxes), then each side moved
   outward by ``randint(0, jitter)`` on the S grid and clipped to [0, S] (the official jitter).
   The crop box is that same jittered box in original pixels; the official loader jitters its crop
   box independently.
@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from app.preprocess import box_to_grid, crop_box, encoder_input, resize_aa
+from mcp_medsam.preprocess import encoder_input, resize_aa
+from mcp_medsam.prompts import box_to_grid, crop_box, jitter_box, tight_box
 
 
 @dataclass(frozen=True)
@@ -41,14 +42,6 @@ class AugmentConfig:
     clip_crops: bool = False  # also produce the CLIP-size crop (only when a CLIP tower is used)
 
 
-def tight_box(mask: np.ndarray) -> np.ndarray:
-    """(H, W) bool -> (4,) int64 [x0, y0, x1, y1], max inclusive (the CVPR24 box convention)."""
-    ys, xs = np.nonzero(mask)
-    if ys.size == 0:
-        raise ValueError("empty mask has no box")
-    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.int64)
-
-
 def mask_to_grid(mask: np.ndarray, new_hw: tuple[int, int], size: int) -> np.ndarray:
     """(H, W) bool/uint8 -> (size, size) uint8 0/1: nearest resize to (new_h, new_w), zero pad."""
     nh, nw = new_hw
@@ -56,26 +49,6 @@ def mask_to_grid(mask: np.ndarray, new_hw: tuple[int, int], size: int) -> np.nda
     out = np.zeros((size, size), dtype=np.uint8)
     out[:nh, :nw] = small
     return out
-
-
-def jitter_box(grid_box: np.ndarray, orig_box: np.ndarray, shifts: np.ndarray, *, hw: tuple[int, int],
-               size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Move each side outward by ``shifts`` (4,) S-grid pixels.
-
-    Returns the (4,) float32 S-grid box clipped to [0, size] and the (4,) int64 crop box in
-    original pixels (the same shifts scaled by max(H, W) / size, clipped to the image).
-    """
-    h, w = hw
-    s = shifts.astype(np.float64)
-    gx0, gy0, gx1, gy1 = grid_box.astype(np.float64)
-    grid = np.array([max(0.0, gx0 - s[0]), max(0.0, gy0 - s[1]), min(size, gx1 + s[2]), min(size, gy1 + s[3])],
-                    dtype=np.float32)
-    scale = max(h, w) / size
-    d = np.rint(s * scale).astype(np.int64)
-    x0, y0, x1, y1 = orig_box
-    crop = np.array([max(0, x0 - d[0]), max(0, y0 - d[1]), min(w - 1, x1 + d[2]), min(h - 1, y1 + d[3])],
-                    dtype=np.int64)
-    return grid, crop
 
 
 def make_sample(img: np.ndarray, gt: np.ndarray, label: int, *, rng: np.random.Generator,

@@ -1,7 +1,7 @@
 """Model initialisation, parameter freezing and training checkpoints.
 
 Checkpoints use the official layout ``{"model", "optimizer", "epoch", "loss"}`` that
-:func:`export.checkpoints.load_mcp_medsam` (and the authors' ``infer.py``) read, plus what an exact
+:func:`mcp_medsam_torch.checkpoints.load_mcp_medsam` (and the authors' ``infer.py``) read, plus what an exact
 resume needs: ``scheduler``, ``step`` (optimizer steps done), ``epoch_losses`` (the current
 epoch's step losses, for the plateau scheduler), ``best``, ``rng_torch``, ``config``, ``kind``.
 Every value is a tensor, a number, a string or a list/dict of those, so the files load with
@@ -17,11 +17,11 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from export.checkpoints import (
+from mcp_medsam_torch.checkpoints import (
     SHARED_PREFIXES, CheckpointError, convert_state_dict, load_strict, model_state, read_checkpoint,
     warm_start_from_litemedsam, warm_start_from_state,
 )
-from export.model import LiteMedSAM, MCPMedSAM, build_mcp_medsam
+from mcp_medsam_torch.model import LiteMedSAM, MCPMedSAM, build_mcp_medsam
 
 # Parameters MCP-MedSAM keeps only for checkpoint compatibility: they never reach the loss (SAM's
 # point embeddings 0/1 and not-a-point, the unused no-mask embedding, the hypernetworks of mask
@@ -48,7 +48,7 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
 
 def warm_start_from_model(teacher: LiteMedSAM, *, variant: str, seed: int = 0) -> MCPMedSAM:
     """A LiteMedSAM module (any variant) -> an MCP-MedSAM warm start of the same variant
-    (the recipe of :func:`export.checkpoints.warm_start_from_state`; tests use a random tiny teacher)."""
+    (the recipe of :func:`mcp_medsam_torch.checkpoints.warm_start_from_state`; tests use a random tiny teacher)."""
     return warm_start_from_state(teacher.state_dict(), variant=variant, seed=seed, path="<teacher>")[0]
 
 

@@ -18,7 +18,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from export.clip import ClipError, image_features, load_clip, text_features_from_clip, text_features_from_table
+from mcp_medsam_torch.clip import (
+    ClipError,
+    image_features,
+    load_clip,
+    text_features_from_clip,
+    text_features_from_table,
+)
 
 
 class ClipFeatures:

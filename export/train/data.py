@@ -10,7 +10,7 @@ Two folder layouts are accepted, mixed freely across the folders given:
 
 Arrays: 2D images (H, W, 3) or (H, W) uint8 with gts (H, W); 3D images (D, H, W) uint8 with gts
 (D, H, W); labels 1..N, 0 = background. The modality is read from the file name
-(:func:`app.modality.modality_token`); an unknown token is an error naming the file.
+(:func:`mcp_medsam.modality.modality_token`); an unknown token is an error naming the file.
 
 The index (cases, the slices that have labels, the labels of each slice) is built once and cached
 as JSON next to the run's output; an entry is reused while its files keep their size and mtime,
@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from app.modality import CATEGORIES, UnknownModality, category_index, modality_token
+from mcp_medsam.modality import CATEGORIES, UnknownModality, category_index, modality_token
 
 INDEX_VERSION = 1
 

@@ -1,9 +1,9 @@
 """The default-model recipe: label-free distillation of the LiteMedSAM warm start from LiteMedSAM.
 
-Teacher: LiteMedSAM (:func:`export.checkpoints.load_litemedsam`). Student: MCP-MedSAM warm-started
-from the same weights (:func:`export.checkpoints.warm_start_from_litemedsam`), without CLIP unless
+Teacher: LiteMedSAM (:func:`mcp_medsam_torch.checkpoints.load_litemedsam`). Student: MCP-MedSAM warm-started
+from the same weights (:func:`mcp_medsam_torch.checkpoints.warm_start_from_litemedsam`), without CLIP unless
 a CLIP folder is given. The warm start differs from LiteMedSAM only through the two extra prompt
-tokens in the transformer's attention (DESIGN.md); distillation teaches the student to give the
+tokens in the transformer's attention (docs/ARCHITECTURE.md); distillation teaches the student to give the
 teacher's masks anyway, on far more varied prompts than a labelled data set offers.
 
 Stages (each resumable; rerun the same config to continue):
@@ -32,7 +32,7 @@ teacher's masks and DSC against the ground truth, both at original resolution, b
 
 Outputs in ``out_dir``: ``data_index.json``, ``cache/``, ``distill_last.pth`` / ``distilled.pth``,
 ``finetune_last.pth`` / ``finetuned.pth`` (official layout, loadable by
-:func:`export.checkpoints.load_mcp_medsam`), ``distill_steps.csv``, ``distill_eval.csv``,
+:func:`mcp_medsam_torch.checkpoints.load_mcp_medsam`), ``distill_steps.csv``, ``distill_eval.csv``,
 ``summary.json``.
 """
 
@@ -47,15 +47,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from app import preprocess
-from app.preprocess import box_to_grid, crop_box, encoder_input, postprocess_logits, resize_aa
-from export.checkpoints import (
+from mcp_medsam.preprocess import encoder_input, postprocess_logits, resize_aa
+from mcp_medsam.prompts import box_to_grid, crop_box, jitter_box, propagated_prompt, tight_box
+from mcp_medsam_torch.checkpoints import (
     CheckpointError, convert_state_dict, litemedsam_checkpoint_path, load_litemedsam, load_strict,
     warm_start_from_litemedsam,
 )
-from export.model import MODEL_CONFIGS, LiteMedSAM, MCPMedSAM, build_litemedsam
+from mcp_medsam_torch.model import MODEL_CONFIGS, LiteMedSAM, MCPMedSAM, build_litemedsam
 
-from .augment import mask_to_grid, tight_box
+from .augment import mask_to_grid
 from .checkpointing import PRETRAINED_PREFIXES, atomic_save, init_model, plain, set_trainable, warm_start_from_model
 from .clip_features import ClipFeatures, text_table
 from .data import CaseReader, CaseRecord, DataIndex, build_index, split_by_case
@@ -115,7 +115,8 @@ class DistillConfig:
         "cannot help imitating a teacher without a content path; trained, it only adds noise (and cost)."))
     finetune_freeze_prefixes: tuple[str, ...] = field(default=(), metadata=_h(
         "Student modules frozen during the label fine-tune besides the image encoder."))
-    eval_every: int = field(default=500, metadata=_h("Evaluate on held-out cases every N steps (0: only before/after)."))
+    eval_every: int = field(default=500,
+                            metadata=_h("Evaluate on held-out cases every N steps (0: only before/after)."))
     save_every: int = field(default=100, metadata=_h("Write the resumable checkpoint every N steps."))
     finetune_steps: int = field(default=0, metadata=_h("Label fine-tune steps after distillation (0: none)."))
     finetune_lr: float = field(default=1e-5, metadata=_h("Learning rate of the fine-tune (new branches)."))
@@ -187,26 +188,6 @@ class CachedCase:
     crop: np.ndarray
 
 
-def _prop_box(mask: np.ndarray, *, size: int, margin: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """A propagated-style prompt from the previous slice's (H, W) bool mask: (grid box, crop box), as
-    3D inference builds it (box on the grid + margin; crop box + margin original px), or None if empty.
-
-    The grid box comes from ``app.preprocess.mask_box_on_grid`` (the mask's box on the resized grid,
-    as the appliance's propagation) when that function exists, else from the truncated original box.
-    """
-    if not mask.any():
-        return None
-    h, w = mask.shape
-    b = tight_box(mask)
-    on_grid = getattr(preprocess, "mask_box_on_grid", None)
-    g = on_grid(mask, b, preprocess.resized_shape(h, w, size), size) if on_grid else box_to_grid(b, h, w, size)
-    grid = np.array([max(0.0, g[0] - margin), max(0.0, g[1] - margin), min(size, g[2] + margin),
-                     min(size, g[3] + margin)], dtype=np.float32)
-    crop = np.array([max(0, b[0] - margin), max(0, b[1] - margin), min(w - 1, b[2] + margin),
-                     min(h - 1, b[3] + margin)], dtype=np.int64)
-    return grid, crop
-
-
 @torch.no_grad()
 def _cache_case(rec: CaseRecord, folder: Path, *, slices: list[int], teacher: LiteMedSAM, held_out: bool,
                 cfg: DistillConfig, device: torch.device, reader: CaseReader, digest: str) -> None:
@@ -236,8 +217,11 @@ def _cache_case(rec: CaseRecord, folder: Path, *, slices: list[int], teacher: Li
             ids = tuple(sorted(rng.permutation(np.asarray(ids))[:cfg.eval_labels_per_slice].tolist()))
         for lab_id in ids:
             b = tight_box(gts[i] == lab_id)
-            pos.append(i); labels.append(lab_id); kind.append(KIND_GT)
-            grid.append(box_to_grid(b, h, w, size)); crop.append(b)
+            pos.append(i)
+            labels.append(lab_id)
+            kind.append(KIND_GT)
+            grid.append(box_to_grid(b, h, w, size))
+            crop.append(b)
     if rec.ndim == 3 and not held_out:
         # Propagated-style prompts: the teacher segments slice z from its gt box; the box of that
         # mask (+ margin) prompts the cached neighbours z - 1 and z + 1, as 3D inference walks.
@@ -252,14 +236,17 @@ def _cache_case(rec: CaseRecord, folder: Path, *, slices: list[int], teacher: Li
                 i = pos[j]
                 h, w = gts[i].shape
                 m = postprocess_logits(logits[r], new_hw[i], (h, w))
-                pb = _prop_box(m, size=size, margin=cfg.prop_margin)
-                if pb is None:
+                if not m.any():
                     continue
+                crop_b, grid_b = propagated_prompt(m, new_hw[i], size, cfg.prop_margin)
                 for dz in (-1, 1):
                     k = where.get(slices[i] + dz)
                     if k is not None:
-                        pos.append(k); labels.append(labels[j]); kind.append(KIND_PROP)
-                        grid.append(pb[0]); crop.append(pb[1])
+                        pos.append(k)
+                        labels.append(labels[j])
+                        kind.append(KIND_PROP)
+                        grid.append(grid_b)
+                        crop.append(crop_b)
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "emb.npy", emb)
     np.save(folder / "img.npy", np.stack(imgs))
@@ -358,23 +345,6 @@ def _assemble(cases: list[CachedCase], rows: list[tuple[int, int]], boxes: list[
                        target=t(targets, np.float32)[:, None] if with_target else None)
 
 
-def _jitter(grid: np.ndarray, crop: np.ndarray, shifts: np.ndarray, *, hw: tuple[int, int],
-            size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Move the sides by ``shifts`` (4,) S-grid pixels, positive outward, keeping >= 1 px boxes."""
-    h, w = hw
-    s = shifts.astype(np.float64)
-    g = grid.astype(np.float64) + np.array([-s[0], -s[1], s[2], s[3]])
-    g[[0, 2]] = np.clip(g[[0, 2]], 0, size)
-    g[[1, 3]] = np.clip(g[[1, 3]], 0, size)
-    g[2], g[3] = max(g[2], g[0] + 1), max(g[3], g[1] + 1)
-    d = np.rint(s * max(h, w) / size).astype(np.int64)
-    c = crop + np.array([-d[0], -d[1], d[2], d[3]])
-    c[[0, 2]] = np.clip(c[[0, 2]], 0, w - 1)
-    c[[1, 3]] = np.clip(c[[1, 3]], 0, h - 1)
-    c[2], c[3] = max(c[2], c[0]), max(c[3], c[1])
-    return g.astype(np.float32), c
-
-
 class PromptDraws:
     """Draws (case, prompt) pairs: a modality uniformly (or a case uniformly), then a case of it,
     then one of its prompts; ``eligible`` restricts prompts per case (e.g. label present)."""
@@ -406,8 +376,10 @@ def draw_batch(cases: list[CachedCase], draws: PromptDraws, rng: np.random.Gener
         g, cb = c.grid[j], c.crop[j]
         if jitter is not None and rng.random() < cfg.jitter_prob:
             hw = c.gt.shape[1:3]
-            g, cb = _jitter(g, cb, rng.integers(jitter[0], jitter[1] + 1, size=4), hw=hw, size=size)
-        rows.append((ci, j)); boxes.append(np.asarray(g, dtype=np.float32)); crops.append(np.asarray(cb))
+            g, cb = jitter_box(g, cb, rng.integers(jitter[0], jitter[1] + 1, size=4), hw=hw, size=size)
+        rows.append((ci, j))
+        boxes.append(np.asarray(g, dtype=np.float32))
+        crops.append(np.asarray(cb))
     return rows, boxes, crops
 
 
@@ -433,8 +405,9 @@ def evaluate_agreement(student: MCPMedSAM, teacher: LiteMedSAM, val: list[Cached
                       tokens=tokens, size=mc.image_size, crop_size=mc.embedding_size,
                       clip_size=mc.clip_crop_size if clip.enabled else None, with_target=False, device=device)
         feats = clip(b.crops_clip, [""] * len(chunk), use_cache=False)
-        s_logits = student.decode(image_embeddings=b.emb, boxes=b.boxes, crops=b.crops, clip_image_features=feats,
-                                  text_features=texts[b.token], category_idx=b.category).masks[:, 0].float().cpu().numpy()
+        s_out = student.decode(image_embeddings=b.emb, boxes=b.boxes, crops=b.crops, clip_image_features=feats,
+                               text_features=texts[b.token], category_idx=b.category)
+        s_logits = s_out.masks[:, 0].float().cpu().numpy()
         missing = [r for r, key in enumerate(chunk) if key not in memo]
         if missing:
             t_logits = teacher.decode(image_embeddings=b.emb[missing], boxes=b.boxes[missing]).masks[:, 0]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from app.modality import CATEGORIES
+from mcp_medsam.modality import CATEGORIES
 
 from .augment import AugmentConfig, make_sample
 from .data import CaseReader, DataIndex

@@ -1,6 +1,6 @@
 """Training MCP-MedSAM as the paper does: :class:`TrainConfig` and :func:`run_training`.
 
-Recipe defaults (DESIGN.md): AdamW lr 2e-4, weight decay 1e-3, ReduceLROnPlateau (factor 0.9,
+Recipe defaults (docs/ARCHITECTURE.md): AdamW lr 2e-4, weight decay 1e-3, ReduceLROnPlateau (factor 0.9,
 patience 5) stepped on the epoch mean loss, the last epoch at lr 5e-5, batch 16, 25 epochs,
 modality sampling, flips and 5 px box jitter, loss Eq. 1. One process, or many under torchrun
 (DistributedDataParallel; ``batch_size`` is per process).
@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from export.checkpoints import convert_state_dict, load_strict
-from export.model import MODEL_CONFIGS, MCPMedSAM
+from mcp_medsam_torch.checkpoints import convert_state_dict, load_strict
+from mcp_medsam_torch.model import MODEL_CONFIGS, MCPMedSAM
 
 from . import distributed as D
 from .augment import AugmentConfig

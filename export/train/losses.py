@@ -1,4 +1,4 @@
-"""Training losses (DESIGN.md Eq. 1) and the distillation loss. Written here: no monai dependency.
+"""Training losses (the paper's Eq. 1, docs/ARCHITECTURE.md) and the distillation loss (no monai dependency).
 
 Shapes: mask logits (B, 1, S, S) float32; targets (B, 1, S, S) float32 in [0, 1] (0/1 for labels,
 probabilities for distillation); IoU predictions (B, 1); category logits (B, K); content and dense
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from export.model import DecoderOutput
+from mcp_medsam_torch.model import DecoderOutput
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, *, smooth_nr: float = 1e-5,

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_text
+from ..io.atomic import write_text
 from .metrics import case_scores
-from .modality import CATEGORIES, UnknownModality, canonical, modality_token
+from ..modality import CATEGORIES, UnknownModality, canonical, modality_token
 
 CSV_FIELDS = ("case", "modality", "dsc", "nsd", "status")
 
@@ -182,7 +182,7 @@ def evaluate_folder(segs: Path, gts: Path, *, csv_path: Path | None = None, repo
     """Score every ``gts/*.npz`` against ``segs/<same name>`` (see the module docstring).
 
     ``csv_path``: write the per-case CSV there (atomically). ``report_dir``: write the PNG charts
-    and the HTML summary there (:func:`app.report.write_report`). ``timing_csv``: the timing CSV of
+    and the HTML summary there (:func:`mcp_medsam.evaluation.report.write_report`). ``timing_csv``: the timing CSV of
     ``predict``, summarised per modality in the result, the table and the report.
     Raises EvaluationError when ``gts`` holds no ``*.npz`` or ``segs`` is not a folder.
     """

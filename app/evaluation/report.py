@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .atomic import atomic_file, write_text
+from ..io.atomic import atomic_file, write_text
 from .evaluate import EvaluationResult, TimingRow, read_timing
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX

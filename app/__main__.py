@@ -1,0 +1,5 @@
+"""``python -m mcp_medsam`` is the ``mcp-medsam`` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,190 @@
+"""Box prompts, the one copy: validation, the 256 grid, content crops, propagation, jitter, decoder feed.
+
+Used by the segmenter, the export's verification, INT8 calibration, training and distillation, so
+that every one of them gives the model exactly the prompts inference gives it.
+
+Conventions (the CVPR24 NPZ boxes and the official MCP-MedSAM pipeline):
+- A box is ``(x0, y0, x1, y1)`` (2D) or ``(x0, y0, z0, x1, y1, z1)`` (3D) in pixel indices of the
+  original image, x = column, y = row, z = slice, max inclusive.
+- On the encoder grid (S = 256) each coordinate is truncated: ``int(c * S / max(H, W))``.
+- The content crop is ``img[y0:y1, x0:x1]`` of the original uint8 image: the max row and column of
+  the inclusive box are left out, as the official code slices. Crop boxes are clipped to
+  ``[0, W] x [0, H]`` (the official propagation clips its crop box there) and keep at least one
+  row and column (the official inference raises on an empty crop).
+- The propagated prompt for the next slice is the previous mask's bounding box, widened by a
+  margin (3): on the grid as the mask lands there after an INTER_AREA resize (clipped to
+  ``[0, S]``), and in original pixels for the crop.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from .errors import InputError
+from .preprocess import resize_aa
+
+MAX_LABELS = int(np.iinfo(np.uint16).max)
+
+
+def check_boxes(raw: np.ndarray, dims: tuple[int, ...]) -> np.ndarray:
+    """Validate and clip boxes given by a user or a file.
+
+    raw: (N, 2k) or (2k,) numbers, k = len(dims); dims: the image size in box-coordinate order,
+    (W, H) for 2D, (W, H, D) for 3D. Returns (N, 2k) int64 clipped to the image. Raises InputError
+    for NaN, inverted, zero-width/height or wholly-outside boxes, naming the box.
+    """
+    raw = np.asarray(raw)
+    width = 2 * len(dims)
+    if raw.dtype == np.bool_ or not (np.issubdtype(raw.dtype, np.integer) or np.issubdtype(raw.dtype, np.floating)):
+        raise InputError(f"boxes has dtype {raw.dtype}; expected numbers")
+    if raw.ndim == 1 and raw.size == width:
+        raw = raw[None]
+    if raw.size == 0:
+        return np.zeros((0, width), np.int64)
+    if raw.ndim != 2 or raw.shape[1] != width:
+        raise InputError(f"boxes has shape {raw.shape}; a {'3D' if width == 6 else '2D'} image needs (N, {width})")
+    if np.issubdtype(raw.dtype, np.floating) and not np.isfinite(raw).all():
+        raise InputError("boxes contain NaN or infinite values")
+    if len(raw) > MAX_LABELS:
+        raise InputError(f"{len(raw)} boxes; at most {MAX_LABELS} labels fit in uint16 segs")
+    boxes = np.rint(raw).astype(np.int64)
+    k = width // 2
+    lo, hi = boxes[:, :k], boxes[:, k:]
+    limit = np.array(dims, dtype=np.int64)
+    axes = "xyz"
+    for i, b in enumerate(boxes):
+        for a in range(k):
+            if hi[i, a] < lo[i, a]:
+                what = "z_min > z_max" if a == 2 else f"{axes[a]}_max < {axes[a]}_min"
+                raise InputError(f"box {i + 1} {b.tolist()} is inverted ({what})")
+            if a < 2 and hi[i, a] == lo[i, a]:
+                raise InputError(f"box {i + 1} {b.tolist()} is empty (zero {'width' if a == 0 else 'height'})")
+        if (hi[i] < 0).any() or (lo[i] >= limit).any():
+            size = "x".join(map(str, dims))
+            raise InputError(f"box {i + 1} {b.tolist()} lies wholly outside the image (size {size})")
+    # Boxes partly outside are clipped to the image.
+    return np.concatenate([np.clip(lo, 0, limit - 1), np.clip(hi, 0, limit - 1)], axis=1)
+
+
+def label_dtype(n_boxes: int) -> type:
+    """uint8 labels up to 255 boxes, else uint16 (the official scripts wrap or crash above 255)."""
+    return np.uint8 if n_boxes <= 255 else np.uint16
+
+
+def covered_slices(boxes: np.ndarray) -> int:
+    """Distinct slices a set of (N, 6) 3D boxes segments (each covers z0..z1 inclusive)."""
+    zs: set[int] = set()
+    for b in np.asarray(boxes).reshape(-1, 6):
+        zs.update(range(int(b[2]), int(b[5]) + 1))
+    return len(zs)
+
+
+def box_to_grid(box: np.ndarray, h: int, w: int, size: int) -> np.ndarray:
+    """Box coordinates (any length) to the size-S grid by truncation: ``int(c * S / max(H, W))``; float32."""
+    ratio = size / max(h, w)
+    return np.trunc(np.asarray(box, dtype=np.float64) * ratio).astype(np.float32)
+
+
+def tight_box(mask: np.ndarray) -> np.ndarray:
+    """(H, W) bool -> (4,) int64 ``[x0, y0, x1, y1]``, max inclusive (the CVPR24 box convention)."""
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        raise ValueError("an empty mask has no box")
+    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.int64)
+
+
+def clip_crop_box(box: np.ndarray, h: int, w: int) -> np.ndarray:
+    """(4,) crop box clipped to ``[0, W] x [0, H]``, int64 (the slice ends are exclusive)."""
+    return np.clip(np.asarray(box[:4], dtype=np.int64), 0, [w, h, w, h])
+
+
+def crop_box(img: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """``img[y0:y1, x0:x1]`` as the official code crops (max row/column excluded).
+
+    Coordinates are clipped to the image first, and an empty crop keeps at least one row and
+    column (the official inference raises on an empty crop; its training loader substitutes zeros).
+    """
+    h, w = img.shape[:2]
+    x0, y0, x1, y1 = (int(v) for v in box[:4])
+    x0 = min(max(x0, 0), w - 1)
+    y0 = min(max(y0, 0), h - 1)
+    x1 = min(max(x1, x0 + 1), w)
+    y1 = min(max(y1, y0 + 1), h)
+    return img[y0:y1, x0:x1]
+
+
+def content_crops(img: np.ndarray, crop_boxes: np.ndarray, size: int) -> np.ndarray:
+    """(B, 3, size, size) float32 content crops of an (H, W, 3) image or a grey (H, W) slice for
+    (B, 4) crop boxes: ``crop_box``, /255, antialiased bilinear to size (grey repeated to 3 channels)."""
+    return np.stack([resize_aa(crop_box(img, b), size) for b in np.asarray(crop_boxes).reshape(-1, 4)])
+
+
+def mask_box_on_grid(mask: np.ndarray, bbox: np.ndarray, new_hw: tuple[int, int], size: int) -> np.ndarray:
+    """Bounding box (x0, y0, x1, y1) float32 of a (H, W) bool mask as seen on the resized grid.
+
+    As the official propagation: the mask is resized with INTER_AREA to the encoder's resized size
+    and the box taken there, which places its edges where the mask's pixels land on the grid
+    (truncating the original box instead is up to one source pixel off: several grid pixels for
+    small images). The mask is resized as 0/1, not as its label value (the official code resizes
+    the label image, which makes the box depend on the label number). If the mask vanishes in the
+    resize, the truncated original box ``bbox`` is used.
+    """
+    nh, nw = new_hw
+    small = cv2.resize(mask.astype(np.uint8), (nw, nh), interpolation=cv2.INTER_AREA)
+    ys, xs = np.nonzero(small)
+    if not len(xs):
+        h, w = mask.shape
+        return box_to_grid(bbox, h, w, size)
+    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float32)
+
+
+def propagated_prompt(mask: np.ndarray, new_hw: tuple[int, int], size: int, margin: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """The next slice's prompt from a non-empty (H, W) bool mask: (crop box (4,) int64 in original
+    pixels, clipped to [0, W] x [0, H]; grid box (4,) float32, clipped to [0, S]), both the mask's
+    bounding box widened by ``margin`` on each side."""
+    h, w = mask.shape
+    bb = tight_box(mask)
+    pad = np.array([-margin, -margin, margin, margin])
+    grid = np.clip(mask_box_on_grid(mask, bb, new_hw, size) + pad, 0, size).astype(np.float32)
+    return clip_crop_box(bb + pad, h, w), grid
+
+
+def jitter_box(grid: np.ndarray, crop: np.ndarray, shifts: np.ndarray, *, hw: tuple[int, int],
+               size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Move each side of a prompt by ``shifts`` (4,) grid pixels, positive outward (training's box
+    jitter, INT8 calibration's perturbed prompts).
+
+    grid: (4,) grid box; crop: (4,) crop box in original pixels of an image of size hw = (H, W).
+    Returns the grid box (4,) float32 clipped to [0, S] and the crop box (4,) int64 moved by the
+    same shifts scaled to original pixels (``rint(shift * max(H, W) / S)``), clipped to
+    [0, W] x [0, H]; both keep at least one pixel of width and height.
+    """
+    h, w = hw
+    s = np.asarray(shifts, dtype=np.float64)
+    g = np.asarray(grid, dtype=np.float64) + np.array([-s[0], -s[1], s[2], s[3]])
+    g = np.clip(g, 0, size)
+    g[2], g[3] = max(g[2], min(g[0] + 1, size)), max(g[3], min(g[1] + 1, size))
+    d = np.rint(s * max(h, w) / size).astype(np.int64)
+    c = clip_crop_box(np.asarray(crop, dtype=np.int64) + np.array([-d[0], -d[1], d[2], d[3]]), h, w)
+    c[2], c[3] = max(c[2], min(c[0] + 1, w)), max(c[3], min(c[1] + 1, h))
+    return g.astype(np.float32), c
+
+
+def decoder_feed(*, embeddings: np.ndarray, embedding_index: np.ndarray, boxes: np.ndarray, crops: np.ndarray,
+                 modality_index: np.ndarray, clip_features: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The per-box graph's inputs, by the exported names, for B boxes.
+
+    embeddings (K, C, E, E) float32, embedding_index (B,) int64 row of embeddings per box,
+    boxes (B, 4) float32 on the grid, crops (B, 3, E, E) float32, modality_index (B,) int64 row of
+    the model's modality table, clip_features (B, 512) float32 (models with a CLIP tower only).
+    """
+    feed = {"image_embeddings": np.ascontiguousarray(embeddings, dtype=np.float32),
+            "embedding_index": np.asarray(embedding_index, dtype=np.int64),
+            "boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+            "crops": np.ascontiguousarray(crops, dtype=np.float32),
+            "modality_index": np.asarray(modality_index, dtype=np.int64)}
+    if clip_features is not None:
+        feed["clip_image_features"] = np.ascontiguousarray(clip_features, dtype=np.float32)
+    return feed
