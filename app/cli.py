@@ -15,6 +15,18 @@ cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 WEIGHTS_HELP = ("Exported model folder (manifest.json). Default: $MCP_MEDSAM_WEIGHTS, else the weights installed "
                 "with mcp-medsam.")
+PRECISION_HELP = ("auto: the fastest variant of the model folder that held its agreement bars against FP32 and that this "
+                  "CPU supports (bf16 where OpenVINO reports bf16 support, INT8 with VNNI), else fp32; or fp32, bf16, "
+                  "int8. Default: $MCP_MEDSAM_PRECISION, else auto.")
+
+
+def _precision(value):
+    """--precision values are checked before anything runs (a bad one is a usage error, exit 2)."""
+    allowed = ("auto", "fp32", "bf16", "int8")
+    for v in ([value] if isinstance(value, str) else value or []):
+        if v not in allowed:
+            raise typer.BadParameter(f"{v!r} is not one of {', '.join(allowed)}")
+    return value
 
 
 def _fail(exc: Exception) -> NoReturn:
@@ -25,8 +37,8 @@ def _fail(exc: Exception) -> NoReturn:
 
 @cli.command()
 def predict(
-    inputs: Path = typer.Option(..., "--input", "-i", help="Folder of CVPR24 *.npz cases (read in sorted order)."),
-    outputs: Path = typer.Option(..., "--output", "-o", help="Folder for the segmentations (same file names, key 'segs')."),
+    inputs: Path = typer.Option(..., "--input", "-i", help="Folder of *.npz cases, CVPR24 or CVPR25 layout (read in sorted order)."),
+    outputs: Path = typer.Option(..., "--output", "-o", help="Folder for the segmentations (same file names, key 'segs'); must not be the input folder, inside it or around it."),
     weights: Optional[Path] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
     backend: str = typer.Option("openvino", "--backend", help="openvino or onnxruntime (needs the folder's ONNX files)."),
     overlays: Optional[Path] = typer.Option(None, "--overlays", help="Also write a PNG per case (boxes and masks; middle slice for 3D)."),
@@ -35,21 +47,130 @@ def predict(
     max_batch: int = typer.Option(8, "--max-batch", min=1, help="Boxes per decoder call."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for inference. Default: all cores."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="OpenVINO compiled-model cache. Default: $MCP_MEDSAM_CACHE or ~/.cache/mcp-medsam/openvino."),
+    max_image_mb: float = typer.Option(2048.0, "--max-image-mb", help="Largest decompressed 'imgs' a case may have, in MiB (checked from its header; larger cases fail)."),
+    num_parts: int = typer.Option(1, "--num-parts", min=1, help="Split the sorted case list into N parts (job arrays: one task per part). Default: 1, the whole folder."),
+    part_id: Optional[str] = typer.Option(None, "--part-id", help="The part to run, 0..N-1: every N-th case from the I-th; rows to timing.part-I-of-N.csv, merged into the timing CSV when the last part finishes. 'auto': $SLURM_ARRAY_TASK_ID (less $SLURM_ARRAY_TASK_MIN), else $JOB_COMPLETION_INDEX. Default: none (needs --num-parts 1)."),
+    skip_existing: bool = typer.Option(False, "--skip-existing", help="Resume: keep an output that reads back whole with the case's shape (row status 'skipped'); redo a truncated, unreadable or wrong one. Default: every case is run."),
+    dask: Optional[str] = typer.Option(None, "--dask", help="Run the cases as Dask tasks: local:N (N single-threaded worker processes here) or a scheduler address tcp://HOST:8786 (or a scheduler file .json); folders on a file system the workers share. Needs the dask extra. Default: this process."),
+    precision: Optional[str] = typer.Option(None, "--precision", callback=_precision, help=PRECISION_HELP),
 ) -> None:
-    """Segment every case of a folder. Exit status 0 when every case succeeded, 1 otherwise."""
+    """Segment every case of a folder. Exit status 0 when every case succeeded or was kept, 1 otherwise (also for
+    a problem with the folders or the model, before any case runs), 2 for a bad command line; 143/130 when
+    ended by SIGTERM/SIGINT."""
     from .batch import predict as run
-    from .errors import SegmentationError
+    from .batch import summary
+    from .engine import set_default_precision
+    from .errors import SegmentationError, UsageError
+    from .io.atomic import Interrupted
 
+    set_default_precision(precision)  # read by every model load of the run, Dask workers started here included
     try:
         results = run(inputs, outputs, weights=weights, backend=backend, overlays=overlays,
                       default_modality=default_modality, timing=timing, max_batch=max_batch, threads=threads,
-                      cache_dir=cache_dir)
+                      cache_dir=cache_dir, max_image_mb=max_image_mb, num_parts=num_parts, part_id=part_id,
+                      skip_existing=skip_existing, dask=dask)
+    except UsageError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
     except SegmentationError as exc:
         _fail(exc)
-    failed = [r for r in results if r.status != "ok"]
+    except Interrupted as exc:
+        typer.echo(f"error: {exc}: {exc.finished} case(s) finished and recorded; the case in flight was "
+                   f"abandoned", err=True)
+        raise typer.Exit(exc.exit_status)
+    typer.echo(summary(results), err=True)
+    raise typer.Exit(1 if any(r.status not in ("ok", "skipped") for r in results) else 0)
+
+
+timing_cli = typer.Typer(no_args_is_help=True, help="The per-case timing CSV of predict runs.")
+cli.add_typer(timing_cli, name="timing")
+
+
+@timing_cli.command("merge")
+def timing_merge(
+    outputs: Optional[Path] = typer.Argument(None, metavar="OUTPUT", help="The output folder of the parts (their timing.part-I-of-N.csv files, written to OUTPUT/timing.csv)."),
+    timing: Optional[Path] = typer.Option(None, "--timing", help="The merged CSV when the parts ran with --timing FILE (their files lie beside it). Default: OUTPUT/timing.csv."),
+    num_parts: Optional[int] = typer.Option(None, "--num-parts", min=1, help="Which split to merge when part files of several N lie there. Default: the only one."),
+    inputs: Optional[Path] = typer.Option(None, "--input", "-i", help="The input folder: also check that every case has a row (exit 1 when some have none). Default: no check."),
+) -> None:
+    """Merge the parts' timing.part-I-of-N.csv files into the one timing.csv (a part's run does it by itself
+    when it is the last to finish). Exit status 1 when a part has written no file yet, or with --input when
+    cases have no row."""
+    from .batch import merge_timing_files
+    from .errors import SegmentationError, UsageError
+
+    try:
+        report = merge_timing_files(outputs, timing=timing, num_parts=num_parts, inputs=inputs)
+    except UsageError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    except SegmentationError as exc:
+        _fail(exc)
+    typer.echo(f"{report.timing}: {report.rows} rows from {report.num_parts} parts")
+    if report.missing:
+        shown = ", ".join(report.missing[:5]) + (", ..." if len(report.missing) > 5 else "")
+        _fail(RuntimeError(f"{len(report.missing)} case(s) of {inputs} have no row yet ({shown}): a part is still "
+                           f"running or was stopped; run it again with --skip-existing"))
+
+
+@cli.command()
+def segment(
+    inputs: list[Path] = typer.Argument(..., help="Images: .nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd, .dcm, a DICOM series folder, .png/.jpg/.jpeg/.bmp/.tif/.tiff, or a CVPR24 .npz case."),
+    output: Path = typer.Option(..., "--output", "-o", help="Result file (format from its extension: .nii.gz, .nii, .nrrd, .mha, .png, .tif, .bmp, .npz) for one INPUT, else a folder: one result per input, named like it."),
+    modality: str = typer.Option(..., "--modality", "-m", help="CT, MR, PET, XRay, US, Mammography, Endoscopy, Fundus, Dermoscopy, Microscopy, OCT (and aliases; case ignored)."),
+    box: Optional[list[str]] = typer.Option(None, "--box", help="A box in voxel indices, inclusive: x0,y0,x1,y1 (2D) or x0,y0,z0,x1,y1,z1 (3D); x = column, y = row, z = slice. Repeatable; labels 1..N in order."),
+    boxes: Optional[Path] = typer.Option(None, "--boxes", help='JSON file whose key "boxes" holds a list of boxes, each 4 or 6 numbers as --box takes them (or maps input file names to such lists; schema in README); labels 1..N.'),
+    boxes_from: Optional[Path] = typer.Option(None, "--boxes-from", help="Label image on the same grid (several INPUTs: a folder of them named like the inputs): one tight box per label value; the output keeps those values."),
+    min_size: int = typer.Option(10, "--min-size", help="--boxes-from: labels of fewer pixels/voxels get no box (the challenge's rule). Default: 10."),
+    mask_threshold: Optional[float] = typer.Option(None, "--mask-threshold", help="--boxes-from: binarise the label image, values above T are label 1 (e.g. 127 for a soft 0..255 mask). Default: labels as they are; JPEG: 127."),
+    window: Optional[str] = typer.Option(None, "--window", help="LEVEL,WIDTH: clip native values to LEVEL +- WIDTH/2, then 0..255. Default: CT volumes 40,400 (HU); other volumes 0.5..99.5 percentiles of voxels > 0; 8-bit 2D as is; 16-bit/float 2D and grey microscopy: 0.5..99.5 percentiles."),
+    series: Optional[str] = typer.Option(None, "--series", help="SeriesInstanceUID to read from a DICOM folder holding several series. Default: the folder's only series."),
+    out_format: Optional[str] = typer.Option(None, "--format", help="Folder OUTPUT: write every result as this type (nii.gz, nii, nrrd, mha, png, tif, bmp, npz). Default: the input's own (.nii.gz for DICOM, .png for JPEG)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
+    backend: str = typer.Option("openvino", "--backend", help="openvino or onnxruntime (needs the folder's ONNX files)."),
+    max_batch: int = typer.Option(8, "--max-batch", min=1, help="Boxes per decoder call."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for inference. Default: all cores."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="OpenVINO compiled-model cache. Default: $MCP_MEDSAM_CACHE or ~/.cache/mcp-medsam/openvino."),
+    num_parts: int = typer.Option(1, "--num-parts", min=1, help="Split the INPUTs, sorted by path, into N parts (job arrays). Default: 1, every INPUT."),
+    part_id: Optional[str] = typer.Option(None, "--part-id", help="The part to run, 0..N-1 (every N-th INPUT from the I-th), or 'auto': $SLURM_ARRAY_TASK_ID (less $SLURM_ARRAY_TASK_MIN), else $JOB_COMPLETION_INDEX. Default: none (needs --num-parts 1)."),
+    skip_existing: bool = typer.Option(False, "--skip-existing", help="Resume: keep an output that reads back as labels on the input's grid; redo a truncated or unreadable one. Default: every INPUT is run."),
+    precision: Optional[str] = typer.Option(None, "--precision", callback=_precision, help=PRECISION_HELP),
+) -> None:
+    """Segment medical images in their own formats; results in the input's format and geometry.
+
+    Intensities as the CVPR24 challenge converted them (see --window). Exit status 0 when every
+    input succeeded, 1 when one failed (one 'error:' line each; the others still run), 2 for a
+    bad command line. NIfTI, NRRD, MetaImage and DICOM need the io extra (SimpleITK)."""
+    from .errors import SegmentationError
+    from .segment import UsageError
+    from .segment import segment as run
+
+    try:
+        results = run(inputs, output, modality=modality, box=box or (), boxes=boxes, boxes_from=boxes_from,
+                      series=series, window=window, min_size=min_size, mask_threshold=mask_threshold,
+                      out_format=out_format, weights=weights, backend=backend, threads=threads,
+                      max_batch=max_batch, cache_dir=cache_dir, num_parts=num_parts, part_id=part_id,
+                      skip_existing=skip_existing, precision=precision)
+    except UsageError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    except SegmentationError as exc:
+        _fail(exc)
+    failed = [r for r in results if r.status not in ("ok", "skipped")]
     total = sum(r.seconds for r in results)
-    typer.echo(f"{len(results) - len(failed)}/{len(results)} cases segmented in {total:.1f} s", err=True)
+    typer.echo(f"{len(results) - len(failed)}/{len(results)} inputs segmented in {total:.1f} s", err=True)
     raise typer.Exit(1 if failed else 0)
+
+
+def _log_to_stdout(name: str) -> None:
+    """Show a package's INFO log lines on stdout as plain text (the export's progress and parity table)."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def _read_provenance(path: Optional[Path]) -> dict:
@@ -76,17 +197,55 @@ def export(
     int8_target_dice: float = typer.Option(0.985, "--int8-target-dice", min=0.0, max=1.0, help="int8 only: least mean per-box mask Dice vs FP32 on held-out prompts; below it the encoder stays FP32, then the export fails."),
     description: Optional[str] = typer.Option(None, "--description", help="manifest.json description. Default: derived from the checkpoint."),
     provenance: Optional[Path] = typer.Option(None, "--provenance", help="JSON file (an object) stored as manifest.json 'provenance': how the weights were made. Default: none."),
+    variants: Optional[list[str]] = typer.Option(None, "--variants", help="Also measure and write faster precisions (repeatable: bf16, int8) as 'mcp-medsam variants' does, on --verify-data (its first 10 cases of the modality spread calibrate, the others judge). Default: none."),
 ) -> None:
     """Export a checkpoint to ONNX + OpenVINO IR with manifest.json, and verify it against PyTorch."""
     from mcp_medsam_torch.exporter import ExportConfig, ExportError, export_model
 
+    _log_to_stdout("mcp_medsam_torch")
     try:
         export_model(ExportConfig(out=out, checkpoint=checkpoint, clip=clip, text_features=text_features,
                                   precision=precision, keep_onnx=keep_onnx, verify_data=verify_data,
                                   calibration_cases=calibration_cases, int8_target_dice=int8_target_dice,
-                                  description=description, provenance=_read_provenance(provenance)))
+                                  description=description, provenance=_read_provenance(provenance),
+                                  variants=tuple(variants or ())))
     except (ExportError, RuntimeError) as exc:
         _fail(exc)
+
+
+@cli.command()
+def variants(
+    folder: Optional[Path] = typer.Argument(None, help="Exported model folder (manifest.json) to add the variants to. Default: $MCP_MEDSAM_WEIGHTS, else the weights installed with mcp-medsam."),
+    data: Path = typer.Option(..., "--data", "-d", help="Folder of real *.npz cases: the first --calibration-cases of the modality spread calibrate INT8, the others are held out to judge the variants."),
+    gts: Optional[Path] = typer.Option(None, "--gts", help="Ground truth of --data for the DSC bar. Default: DATA/../gts when it exists."),
+    precision: list[str] = typer.Option(["bf16", "int8"], "--precision", help="Variants to build (repeatable): bf16 (measured only where OpenVINO reports bf16 support), int8. Default: both."),
+    calibration_cases: int = typer.Option(10, "--calibration-cases", min=1, help="Cases of --data that calibrate (never judge)."),
+    study_slices: int = typer.Option(4, "--study-slices", min=1, help="Held-out slices of the sensitivity study (each group alone at each precision; given and propagation-style boxes)."),
+    chain_slices: int = typer.Option(7, "--chain-slices", min=2, help="Slices of each 3D calibration case's propagation chain in the sensitivity study."),
+    max_candidates: int = typer.Option(6, "--max-candidates", min=1, help="Mixes tried per precision (0, 1, 2, 3, 5, ... most sensitive groups kept FP32)."),
+    study: Optional[Path] = typer.Option(None, "--study", help="Reuse the sensitivity study of an earlier --json instead of measuring it again. Default: measure."),
+    work: Optional[Path] = typer.Option(None, "--work", help="Folder that keeps the FP32 reference masks between runs. Default: none (computed each run)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads. Default: all cores."),
+    write: bool = typer.Option(True, "--write/--no-write", help="Write the variants that hold the bars into the folder (new files; the FP32 files stay byte-identical)."),
+    keep_unvalidated: bool = typer.Option(False, "--keep-unvalidated", help="Where no mix holds the bars, write the closest one anyway, marked unvalidated: auto never runs it, --precision bf16/int8 does. Default: not written."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the study, every mix tried and its figures as JSON."),
+) -> None:
+    """Measure which layer groups lose masks in bf16 / INT8, find the fastest mix that holds the agreement
+    bars against FP32 (2D boxes >= 0.98, 3D box-slices >= 0.97, sample-set DSC within 0.3 points), and write
+    it into the model folder's manifest, where --precision auto finds it (export extra: NNCF)."""
+    from mcp_medsam_torch.precision import VariantConfig, build_variants, format_report
+
+    from .errors import SegmentationError
+
+    _log_to_stdout("mcp_medsam_torch")
+    try:
+        report = build_variants(folder, VariantConfig(
+            data=data, gts=gts, precisions=tuple(precision), calibration_cases=calibration_cases,
+            study_slices=study_slices, chain_slices=chain_slices, max_candidates=max_candidates, study=study, work=work, threads=threads,
+            write=write, keep_unvalidated=keep_unvalidated, json_path=json_path))
+    except (SegmentationError, RuntimeError) as exc:
+        _fail(exc)
+    typer.echo(format_report(report), nl=False)
 
 
 @cli.command()
@@ -125,18 +284,46 @@ def bench(
     max_batch: int = typer.Option(8, "--max-batch", min=1, help="Boxes per decoder call."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads. Default: all cores."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the measurements as JSON."),
+    precision: Optional[list[str]] = typer.Option(None, "--precision", callback=_precision, help="Precisions to compare (repeatable; fp32 always runs). Default: fp32 and every variant of the model folder this CPU runs."),
+    gts: Optional[Path] = typer.Option(None, "--gts", help="Ground truth for the DSC column. Default: INPUT/../gts when it exists, else no DSC."),
 ) -> None:
-    """Seconds per case, warm and cold, against the CPU's arithmetic floor (a benchmark, not a test).
+    """Seconds per case and precision, warm and cold, against the CPU's arithmetic floor (a benchmark, not a test).
 
-    Prints per case: FLOPs of the graph calls made, floor seconds (FLOPs / measured fp32 matmul
-    throughput), warm and cold seconds and their floor ratios, the peak RSS of a cold run, and the
-    PyTorch model's seconds side by side."""
+    Prints per case and precision (fp32 and the folder's bf16 / INT8 variants, interleaved): FLOPs of the
+    graph calls made, floor seconds (FLOPs / measured fp32 matmul throughput), warm and cold seconds and
+    their floor ratios, the speed-up over fp32, the agreement of the labels with fp32's, the DSC, the peak
+    RSS of a cold run, the cold start (cold - warm), and the PyTorch model's seconds side by side."""
     from .bench import format_report, run_bench
     from .errors import SegmentationError
 
     try:
         report = run_bench(inputs, weights=weights, cold=cold, torch_engine=_torch_engine() if with_torch else None,
-                           threads=threads, max_batch=max_batch, json_path=json_path)
+                           threads=threads, max_batch=max_batch, json_path=json_path, precisions=precision or None,
+                           gts=gts)
+    except SegmentationError as exc:
+        _fail(exc)
+    typer.echo(format_report(report), nl=False)
+
+
+@cli.command("bench-throughput")
+def bench_throughput(
+    inputs: Path = typer.Option(..., "--input", "-i", help="Folder of *.npz cases (e.g. the sample set)."),
+    cases: Optional[int] = typer.Option(None, "--cases", min=1, help="Use this many cases, spread evenly over the sorted folder. Default: all."),
+    parts: int = typer.Option(2, "--parts", min=1, help="Processes of one thread side by side (--num-parts P)."),
+    workers: int = typer.Option(2, "--workers", min=1, help="Workers of the --dask local:W mode."),
+    with_dask: bool = typer.Option(True, "--dask/--no-dask", help="Include the --dask local:W mode (needs the dask extra)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
+) -> None:
+    """Cases per minute for one process (1 thread, all cores), P one-thread parts side by side and
+    --dask local:W, one after another on the same cases (a benchmark, not a test; wall time includes
+    model loads and cluster start-up)."""
+    from .errors import SegmentationError
+    from .throughput import format_report, run_throughput
+
+    try:
+        report = run_throughput(inputs, cases=cases, weights=weights, parts=parts, workers=workers, dask=with_dask,
+                                json_path=json_path)
     except SegmentationError as exc:
         _fail(exc)
     typer.echo(format_report(report), nl=False)
@@ -156,17 +343,96 @@ def _torch_engine():
 def warmup(
     weights: Optional[Path] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="OpenVINO compiled-model cache to fill. Default: $MCP_MEDSAM_CACHE or ~/.cache/mcp-medsam/openvino."),
+    precision: Optional[str] = typer.Option(None, "--precision", callback=_precision, help="The precision to compile, as a run would choose it. " + PRECISION_HELP),
 ) -> None:
     """Compile the graphs once into the cache, so that later runs load instead of compiling."""
-    from .engine import default_cache_dir
+    from .engine import warm_cache
     from .errors import SegmentationError
-    from .segmenter import Segmenter
 
     try:
-        Segmenter.load(weights, cache_dir=cache_dir)
+        folder = warm_cache(weights, cache_dir=cache_dir, precision=precision)
     except SegmentationError as exc:
         _fail(exc)
-    typer.echo(f"compiled-model cache ready in {cache_dir or default_cache_dir()}")
+    typer.echo(f"compiled-model cache ready in {folder}")
+
+
+@cli.command("verify-weights")
+def verify_weights(
+    folder: Optional[Path] = typer.Argument(None, help="Exported model folder (manifest.json). Default: $MCP_MEDSAM_WEIGHTS, else the weights installed with mcp-medsam."),
+) -> None:
+    """Hash every file manifest.json records and compare sizes and sha256 (one line per file).
+
+    Exit status 0 when every file matches, 1 otherwise. Every model load checks the same, but hashes only the files whose size or modification time changed since they were last hashed."""
+    from .engine import verify_weights as check
+    from .errors import SegmentationError
+
+    try:
+        report = check(folder)
+    except SegmentationError as exc:
+        _fail(exc)
+    for line in report.lines:
+        typer.echo(line)
+    if not report.ok:
+        _fail(RuntimeError(f"{report.folder}: {report.problems} problem(s) in {report.checked} recorded file(s)"))
+    typer.echo(f"{report.folder}: all {report.checked} recorded files match manifest.json")
+
+
+@cli.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on. Any address other than loopback (127.0.0.1, ::1, localhost) needs a token."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
+    token: Optional[str] = typer.Option(None, "--token", envvar="MCP_MEDSAM_TOKEN", show_envvar=True, help="Every /v1 request must send 'Authorization: Bearer TOKEN' (else 401; /healthz and the page stay open). Default: none, loopback only."),
+    max_upload_mb: float = typer.Option(512.0, "--max-upload-mb", help="Largest upload request body in MB (413 above)."),
+    max_image_mb: float = typer.Option(1024.0, "--max-image-mb", help="Largest decoded image or volume in MB (uint8; 413 above)."),
+    max_images: int = typer.Option(16, "--max-images", help="Images held at once (413 for one more; DELETE frees a place)."),
+    max_boxes: int = typer.Option(64, "--max-boxes", help="Boxes per segment request (422 above)."),
+    cache_mb: float = typer.Option(1024.0, "--cache-mb", help="Volume slice embeddings kept across requests, all volumes together, in MB (4 MB per slice with the default model)."),
+    cors_origin: list[str] = typer.Option([], "--cors-origin", metavar="ORIGIN", help="Allow browser pages from this origin to call the API (repeatable). Default: no CORS headers."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for inference. Default: all cores."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="OpenVINO compiled-model cache. Default: $MCP_MEDSAM_CACHE or ~/.cache/mcp-medsam/openvino."),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level (critical, error, warning, info, debug)."),
+    precision: Optional[str] = typer.Option(None, "--precision", callback=_precision, help=PRECISION_HELP),
+) -> None:
+    """HTTP service with a web page at /: upload an image or volume once, segment boxes on it (extra 'serve').
+
+    API: POST /v1/images, POST /v1/images/{id}/segment, GET /v1/images/{id}/slices/{z}, GET /v1/info, ...;
+    OpenAPI at /docs. Ctrl-C stops it and deletes every upload."""
+    from .errors import SegmentationError
+    from .serve.config import ServeConfig
+    from .serve.server import serve as run
+
+    try:
+        run(ServeConfig(host=host, port=port, token=token, max_upload_mb=max_upload_mb, max_image_mb=max_image_mb,
+                        max_images=max_images, max_boxes=max_boxes, cache_mb=cache_mb, cors_origins=tuple(cors_origin)),
+            weights=weights, threads=threads, cache_dir=cache_dir, log_level=log_level, precision=precision)
+    except SegmentationError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(getattr(exc, "exit_code", 1))
+
+
+@cli.command("serve-bench")
+def serve_bench(
+    inputs: Path = typer.Option(..., "--input", "-i", help="Folder of CVPR24 *.npz cases: the 2D ones are uploaded and their boxes decoded."),
+    clients: int = typer.Option(8, "--clients", min=1, help="Concurrent clients in the load phase."),
+    seconds: float = typer.Option(30.0, "--seconds", min=0.0, help="Length of the load phase."),
+    decodes: int = typer.Option(4, "--decodes", min=1, help="Single-box segment requests per upload."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="The server's inference threads. Default: all cores."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
+) -> None:
+    """Load check of 'serve' on loopback (a benchmark, not a test): requests/s, p50/p95 of a box decode
+    and of an upload+embed, idle and under load, errors (exit 1 unless 0), the server's peak RSS."""
+    from .errors import SegmentationError
+    from .serve.loadcheck import format_report, run_load_check
+
+    try:
+        report = run_load_check(inputs, clients=clients, seconds=seconds, decodes=decodes, weights=weights,
+                                threads=threads, json_path=json_path)
+    except SegmentationError as exc:
+        _fail(exc)
+    typer.echo(format_report(report), nl=False)
+    raise typer.Exit(1 if report.errors else 0)
 
 
 _PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}

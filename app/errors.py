@@ -14,8 +14,16 @@ class InputError(SegmentationError, ValueError):
     """A bad image, volume, box, modality or case file (one case fails; the others still run)."""
 
 
+class UsageError(InputError):
+    """A bad command line: options that do not fit together or do not parse (exit status 2)."""
+
+
 class UnknownModality(InputError):
     """A modality string that the model's table does not accept."""
+
+
+class TooLarge(InputError):
+    """An input larger than a size limit (decompressed arrays, uploads); the HTTP service answers 413."""
 
 
 class ModelError(SegmentationError, RuntimeError):

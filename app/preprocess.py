@@ -7,6 +7,7 @@ lives in :mod:`.prompts`.
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import cv2
@@ -46,9 +47,15 @@ def check_image(a: np.ndarray, *, volume: bool, name: str = "image") -> np.ndarr
 
 
 def resized_shape(h: int, w: int, target: int) -> tuple[int, int]:
-    """(new_h, new_w) with the longest side = target: ``int(side * target / max(h, w) + 0.5)``."""
+    """(new_h, new_w) with the longest side = target: ``int(side * target / max(h, w) + 0.5)``.
+
+    Raises InputError for an image so elongated that its short side would resize to 0 pixels."""
     scale = target * 1.0 / max(h, w)
-    return int(h * scale + 0.5), int(w * scale + 0.5)
+    nh, nw = int(h * scale + 0.5), int(w * scale + 0.5)
+    if min(nh, nw) < 1:
+        raise InputError(f"an image of {h}x{w} pixels would be resized to {nh}x{nw} on the model's {target}-pixel "
+                         f"grid; its short side needs at least {math.ceil(max(h, w) / (2 * target))} pixels")
+    return nh, nw
 
 
 def encoder_input(img: np.ndarray, target: int) -> tuple[np.ndarray, tuple[int, int]]:

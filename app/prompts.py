@@ -25,6 +25,9 @@ from .errors import InputError
 from .preprocess import resize_aa
 
 MAX_LABELS = int(np.iinfo(np.uint16).max)
+# The official propagation widens the previous mask's box by 3 px (grid and crop). The exporter writes it
+# into manifest.json (preprocessing.propagation_margin), which inference and INT8 calibration read.
+PROPAGATION_MARGIN = 3
 
 
 def check_boxes(raw: np.ndarray, dims: tuple[int, ...]) -> np.ndarray:
@@ -48,23 +51,26 @@ def check_boxes(raw: np.ndarray, dims: tuple[int, ...]) -> np.ndarray:
         raise InputError("boxes contain NaN or infinite values")
     if len(raw) > MAX_LABELS:
         raise InputError(f"{len(raw)} boxes; at most {MAX_LABELS} labels fit in uint16 segs")
-    boxes = np.rint(raw).astype(np.int64)
+    # Checked and clipped as float64, converted to integers last: coordinates at or beyond 2**63
+    # (int64/uint64 extremes, 1e19, 1e300) would otherwise wrap and read as empty or inverted boxes.
+    boxes = np.rint(raw.astype(np.float64))
     k = width // 2
     lo, hi = boxes[:, :k], boxes[:, k:]
-    limit = np.array(dims, dtype=np.int64)
+    limit = np.array(dims, dtype=np.float64)
     axes = "xyz"
     for i, b in enumerate(boxes):
+        shown = [int(v) if abs(v) < 2 ** 63 else float(v) for v in b]
         for a in range(k):
             if hi[i, a] < lo[i, a]:
                 what = "z_min > z_max" if a == 2 else f"{axes[a]}_max < {axes[a]}_min"
-                raise InputError(f"box {i + 1} {b.tolist()} is inverted ({what})")
+                raise InputError(f"box {i + 1} {shown} is inverted ({what})")
             if a < 2 and hi[i, a] == lo[i, a]:
-                raise InputError(f"box {i + 1} {b.tolist()} is empty (zero {'width' if a == 0 else 'height'})")
+                raise InputError(f"box {i + 1} {shown} is empty (zero {'width' if a == 0 else 'height'})")
         if (hi[i] < 0).any() or (lo[i] >= limit).any():
             size = "x".join(map(str, dims))
-            raise InputError(f"box {i + 1} {b.tolist()} lies wholly outside the image (size {size})")
+            raise InputError(f"box {i + 1} {shown} lies wholly outside the image (size {size})")
     # Boxes partly outside are clipped to the image.
-    return np.concatenate([np.clip(lo, 0, limit - 1), np.clip(hi, 0, limit - 1)], axis=1)
+    return np.concatenate([np.clip(lo, 0, limit - 1), np.clip(hi, 0, limit - 1)], axis=1).astype(np.int64)
 
 
 def label_dtype(n_boxes: int) -> type:

@@ -15,12 +15,13 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from . import preprocess, prompts
 from .engine import Engine
-from .errors import UnknownModality
+from .errors import InputError, UnknownModality
 from .manifest import Manifest, bundled_weights, load_manifest
 from .modality import accepted_token
 
@@ -116,23 +117,32 @@ class Segmenter:
 
     @classmethod
     def load(cls, weights: str | Path | None = None, *, backend: str = "openvino", threads: int | None = None,
-             cache_dir: str | Path | None = None, max_batch: int = 8, cache_slices: int = 64) -> Segmenter:
+             cache_dir: str | Path | None = None, max_batch: int = 8, cache_slices: int = 64,
+             precision: str | None = None) -> Segmenter:
         """The model of an exported folder (``manifest.json``); None: the bundled default weights.
 
         backend: ``openvino`` (default) or ``onnxruntime`` (needs the folder's ONNX files);
         threads: CPU threads for inference (default: all cores); cache_dir: OpenVINO's
-        compiled-model cache (default: $MCP_MEDSAM_CACHE or ~/.cache/mcp-medsam/openvino).
+        compiled-model cache (default: $MCP_MEDSAM_CACHE or ~/.cache/mcp-medsam/openvino);
+        precision: ``auto`` (the fastest variant of the folder that held its agreement bars and that
+        this CPU supports, else fp32), ``fp32``, ``bf16`` or ``int8``; None: $MCP_MEDSAM_PRECISION,
+        else auto. ``seg.precision`` says which one runs.
         """
         from .engine import default_cache_dir
 
         manifest = load_manifest(Path(weights) if weights is not None else bundled_weights())
-        engine = Engine(manifest, backend=backend, threads=threads,
+        engine = Engine(manifest, backend=backend, threads=threads, precision=precision,
                         cache_dir=Path(cache_dir) if cache_dir is not None else default_cache_dir())
         return cls(engine, max_batch=max_batch, cache_slices=cache_slices)
 
     @property
     def manifest(self) -> Manifest:
         return self.engine.manifest
+
+    @property
+    def precision(self) -> str:
+        """The precision the model runs at: ``fp32``, ``bf16`` or ``int8`` (a variant of the folder)."""
+        return self.engine.precision
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -175,26 +185,46 @@ class Segmenter:
         img = preprocess.check_image(image, volume=False)
         h, w = img.shape[:2]
         checked = prompts.check_boxes(np.asarray(boxes), (w, h))
+        self.modality_row(modality)  # bad boxes or modality fail before the encoder runs
+        if not len(checked):
+            return np.zeros((h, w), dtype=prompts.label_dtype(0))
+        return self.segment_embedding(self.embed(img), checked, modality)[0]
+
+    def segment_embedding(self, embedding: Embedding, boxes: np.ndarray, modality: str
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 4) boxes on an embedded image -> ((H, W) labels 1..N, (N,) float32 predicted IoU).
+
+        What :meth:`segment_image` gives for the same image and boxes, without running the encoder
+        again (interactive use: embed once, then label any number of box sets)."""
+        h, w = embedding.shape
+        checked = prompts.check_boxes(np.asarray(boxes), (w, h))
         row = self.modality_row(modality)
         segs = np.zeros((h, w), dtype=prompts.label_dtype(len(checked)))
         if not len(checked):
-            return segs
-        emb = self.embed(img)
-        logits, _ = self._decode_on(emb, checked, row)
+            return segs, np.zeros(0, np.float32)
+        logits, iou = self._decode_on(embedding, checked, row)
         for label, lg in enumerate(logits, start=1):
-            mask = preprocess.postprocess_logits(lg, emb.new_hw, (h, w))
+            mask = preprocess.postprocess_logits(lg, embedding.new_hw, (h, w))
             np.maximum(segs, label, out=segs, where=mask)
-        return segs
+        return segs, iou
 
     # ---------------------------------------------------------------- 3D
 
-    def segment_volume(self, volume: np.ndarray, boxes: np.ndarray, modality: str) -> np.ndarray:
+    def segment_volume(self, volume: np.ndarray, boxes: np.ndarray, modality: str, *,
+                       cache: EmbeddingCache | None = None,
+                       progress: Callable[[int, int], None] | None = None,
+                       starts: np.ndarray | None = None) -> np.ndarray:
         """(D, H, W) volume, (N, 6) boxes -> (D, H, W) labels 1..N, by propagation per box.
 
         Each box starts on its middle slice ``(z0 + z1) // 2`` with the given 2D box and walks up
         and down to z1 and z0; the next slice's prompt is the previous mask's box (+3 px), or the
         given box after an empty mask. All walks advance together, so one decoder call carries a
         step of several boxes, and each slice is encoded once (kept in a bounded cache).
+
+        cache: slice embeddings of this volume kept between calls (:meth:`slice_cache`; default: a
+        new one per call); progress(done, total): called after each decoder step with the box-slices
+        decoded so far and the call's total; starts: (N,) slice each box starts on with its given box
+        (the CVPR 2025 ``z_mid``; within the box's z range), default the middle slice.
         """
         vol = preprocess.check_image(volume, volume=True)
         d, h, w = vol.shape
@@ -206,10 +236,14 @@ class Segmenter:
         m = self.manifest
         s, margin = m.image_size, m.propagation_margin
         new_hw = preprocess.resized_shape(h, w, s)
-        cache = EmbeddingCache(max(self.cache_slices, 2 * self.max_batch),
-                               (m.embed_dim, m.embedding_size, m.embedding_size))
-        pending = [Walk(label, b[[0, 1, 3, 4]], (int(b[2]) + int(b[5])) // 2, int(b[2]), int(b[5]))
-                   for label, b in enumerate(checked, start=1)]
+        if cache is None:
+            cache = self.slice_cache(self.cache_slices)
+        mids = (checked[:, 2] + checked[:, 5]) // 2 if starts is None else np.asarray(starts, np.int64).reshape(-1)
+        if len(mids) != len(checked) or ((mids < checked[:, 2]) | (mids > checked[:, 5])).any():
+            raise InputError(f"starts {mids.tolist()} must give one slice per box, each within its z range")
+        pending = [Walk(label, b[[0, 1, 3, 4]], int(z), int(b[2]), int(b[5]))
+                   for label, (b, z) in enumerate(zip(checked, mids), start=1)]
+        done, total = 0, int((checked[:, 5] - checked[:, 2] + 1).sum())  # box-slices to decode
         while pending:
             batch, pending = pending[: self.max_batch], pending[self.max_batch:]
             zs = [wk.z for wk in batch]
@@ -232,7 +266,16 @@ class Segmenter:
                 mask = preprocess.postprocess_logits(lg, new_hw, (h, w))
                 np.maximum(segs[wk.z], wk.label, out=segs[wk.z], where=mask)
                 pending.extend(wk.following(mask))
+            done += len(batch)
+            if progress is not None:
+                progress(done, total)
         return segs
+
+    def slice_cache(self, slices: int) -> EmbeddingCache:
+        """An empty cache for the embeddings of ``slices`` slices of one volume (at least two decoder
+        batches; 4 MB per slice at 256x64x64 float32): pass it to :meth:`segment_volume` calls."""
+        m = self.manifest
+        return EmbeddingCache(max(slices, 2 * self.max_batch), (m.embed_dim, m.embedding_size, m.embedding_size))
 
     # ---------------------------------------------------------------- shared pieces
 

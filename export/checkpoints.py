@@ -9,7 +9,6 @@ Sources:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,8 @@ from typing import Any, Mapping
 
 import torch
 from torch import nn
+
+from mcp_medsam.manifest import sha256_file
 
 from .model import LiteMedSAM, MCPMedSAM, build_litemedsam, build_mcp_medsam
 
@@ -36,14 +37,6 @@ SHARED_PREFIXES = (
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

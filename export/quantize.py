@@ -5,40 +5,43 @@ CPU plugin runs them as INT8 with VNNI) and returns a report for the manifest. I
 PyTorch: the FP32 IR the exporter just wrote is the reference, so the result is plain IR that
 ``mcp_medsam.engine`` loads unchanged.
 
-Calibration and validation use real cases exactly as the runtime sees them:
+Calibration and validation use real cases exactly as the runtime sees them (picked and sliced by
+:mod:`mcp_medsam_torch.cases`, as export verification picks them):
 - encoder: slices preprocessed by ``mcp_medsam.preprocess.encoder_input`` (2D images; several slices of
   each 3D box, not only the middle one);
 - decoder: per-box inputs on FP32 image embeddings, for the given boxes, jittered boxes (up to
   ``jitter`` grid pixels per side, as in training) and propagation-style boxes (the bounding box of
-  the FP32 mask plus the propagation margin, with the crop taken the same way as the predictor);
-  crops by ``crop_box``/``resize_aa``; the case's modality row.
+  the FP32 mask plus the manifest's propagation margin, with the crop taken the same way as the
+  predictor); crops by ``mcp_medsam.prompts.content_crops``; the case's modality row.
 Validation prompts are disjoint from calibration prompts: other slices, other jitter draws and,
 where the folder has enough cases, other cases. The metric is the one that matters to a user:
 per-box Dice of the ``logit > 0`` masks (on the 256 grid, cropped to the image) of the INT8 chain
 (INT8 encoder -> INT8 decoder) against the FP32 chain.
 
-Accuracy control: the recipe quantises every Convolution/MatMul except a fixed set of sensitive
-ops; when the validation Dice is below the target, further op groups are returned to FP32 one at
-a time (most sensitive first) until it is met (report["steps"] lists what was tried).
+Accuracy control: NNCF's transformer preset quantises both graphs; when the INT8 chain misses the
+target on the validation prompts, the image encoder goes back to FP32 (the decoder alone INT8);
+when that misses it too, the export fails (report["steps"] lists what was tried).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 
 from mcp_medsam import preprocess, prompts
-from mcp_medsam.modality import ACCEPTED, modality_token
+from mcp_medsam.engine import compile_openvino
+from mcp_medsam.evaluation.dice import batch_dice
+from mcp_medsam.manifest import load_manifest
 
-TARGET_DICE = 0.985  # validation target; the exporter's bar against PyTorch is 0.98
+from .cases import case_slices, spread_cases, table_row
+from .config import ExportConfig, ExportError
 
-
-def _log(msg: str) -> None:
-    print(msg, flush=True)
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- prompts from real cases
@@ -59,77 +62,14 @@ class SlicePrompts:
     emb: np.ndarray | None = None  # FP32 embedding (C, E, E)
 
 
-def spread_cases(folder: Path | None, n: int) -> list[Path]:
-    """Up to n case files of folder, round-robin over modalities (so every modality is represented)."""
-    if folder is None:
-        return []
-    files = sorted(p for p in Path(folder).glob("*.npz") if p.is_file())
-    groups: dict[str, list[Path]] = {}
-    for f in files:
-        groups.setdefault(f"{f.name.split('_')[0]}_{modality_token(f.name)}", []).append(f)
-    order: list[Path] = []
-    queues = [list(g) for g in groups.values()]
-    while queues and len(order) < len(files):
-        for q in queues:
-            if q:
-                order.append(q.pop(0))
-        queues = [q for q in queues if q]
-    return order[:n] if n >= 0 else order
-
-
-def synthetic_image(rng: np.random.Generator, h: int = 300, w: int = 400) -> tuple[np.ndarray, np.ndarray]:
-    """A grey (H, W, 3) uint8 image with three bright blobs and their boxes, when no real sample is given."""
-    yy, xx = np.mgrid[:h, :w]
-    img = rng.normal(60, 10, (h, w))
-    boxes = []
-    for cy, cx, r in ((80, 100, 40), (180, 260, 60), (230, 90, 30)):
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] += 120
-        boxes.append([cx - r, cy - r, cx + r, cy + r])
-    img = np.clip(img, 0, 255).astype(np.uint8)
-    return np.repeat(img[:, :, None], 3, axis=2), np.array(boxes)
-
-
-def _slices_of_case(path: Path | None, rng: np.random.Generator, *, fractions: Iterable[float], max_boxes: int,
-                    tokens: list[str]) -> list[tuple[str, np.ndarray, np.ndarray, int]]:
-    """(tag, image (H, W, 3), boxes (K, 4) original px, modality row) for slices of one case."""
-    from mcp_medsam.io.npz import load_case
-
-    if path is None:
-        img, boxes = synthetic_image(rng)
-        return [("synthetic", img, boxes[:max_boxes], tokens.index("CT"))]
-    case = load_case(path)
-    token = modality_token(path.name)
-    row = tokens.index(token) if token in tokens else 0
-    if not case.is_3d:
-        boxes = case.boxes
-        if len(boxes) > max_boxes:
-            boxes = boxes[np.sort(rng.choice(len(boxes), max_boxes, replace=False))]
-        return [(path.name, case.image, boxes, row)]
-    out = []
-    vol = case.image
-    per_z: dict[int, list[np.ndarray]] = {}
-    for b in case.boxes[:max_boxes]:
-        x0, y0, z0, x1, y1, z1 = (int(v) for v in b)
-        for f in fractions:
-            z = int(round(z0 + f * (z1 - z0)))
-            per_z.setdefault(z, []).append(np.array([x0, y0, x1, y1]))
-    for z, bs in sorted(per_z.items()):
-        out.append((f"{path.name}[z={z}]", np.repeat(vol[z][:, :, None], 3, axis=2), np.stack(bs), row))
-    return out
-
-
 # ---------------------------------------------------------------- running IR
 
 
 class IR:
-    """A compiled OpenVINO model (f32 precision pinned, as the runtime)."""
+    """An OpenVINO model (``openvino.Model``) compiled as the runtime compiles it; returns output 0."""
 
-    def __init__(self, model: Any, core: Any | None = None) -> None:
-        import openvino as ov
-
-        core = core or ov.Core()
-        self.compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
-                                                          "PERFORMANCE_HINT": "LATENCY"})
+    def __init__(self, model: Any) -> None:
+        self.compiled = compile_openvino(model)
         self.req = self.compiled.create_infer_request()
         self.names = [p.get_any_name() for p in self.compiled.inputs]
 
@@ -155,13 +95,10 @@ def _decode_all(dec: Callable, emb: np.ndarray, sp: SlicePrompts, crop_size: int
 
 
 def mask_dice(ref: np.ndarray, got: np.ndarray, new_hw: tuple[int, int]) -> np.ndarray:
-    """Per-box Dice of logit>0 masks (B, S, S) inside the resized image region; 1 when both are empty."""
+    """Per-box Dice (B,) of the logit > 0 masks of (B, S, S) logits inside the resized image region
+    (the padding left out); 1 when both are empty."""
     nh, nw = new_hw
-    a = ref[:, :nh, :nw] > 0
-    b = got[:, :nh, :nw] > 0
-    inter = (a & b).sum(axis=(1, 2))
-    tot = a.sum(axis=(1, 2)) + b.sum(axis=(1, 2))
-    return np.where(tot == 0, 1.0, 2.0 * inter / np.maximum(tot, 1))
+    return batch_dice(ref[:, :nh, :nw] > 0, got[:, :nh, :nw] > 0)
 
 
 # ---------------------------------------------------------------- datasets
@@ -174,8 +111,8 @@ class Data:
     seconds: float = 0.0
 
 
-def build_data(folder: Path | None, n_cases: int, enc: IR, dec: IR, *, tokens: list[str], image_size: int,
-               crop_size: int, margin: int = 3, jitter: int = 5, max_boxes: int = 4, n_val_cases: int = 8,
+def build_data(folder: Path | None, n_cases: int, enc: IR, dec: IR, *, tokens: tuple[str, ...], image_size: int,
+               crop_size: int, margin: int, jitter: int = 5, max_boxes: int = 4, n_val_cases: int = 8,
                seed: int = 0) -> Data:
     """Calibration and validation prompts with FP32 embeddings (see the module doc)."""
     t0 = time.perf_counter()
@@ -191,8 +128,8 @@ def build_data(folder: Path | None, n_cases: int, enc: IR, dec: IR, *, tokens: l
     for files, target, fracs in ((calib_files, data.calib, (0.5, 0.2, 0.8, 0.35, 0.65)),
                                  (val_files, data.val, (0.45, 0.1, 0.9, 0.3, 0.7))):
         for path in files:
-            for tag, img, boxes, row in _slices_of_case(path, rng, fractions=fracs, max_boxes=max_boxes,
-                                                        tokens=tokens):
+            for sb in case_slices(path, rng, fractions=fracs, max_boxes=max_boxes):
+                tag, img, boxes, row = sb.tag, sb.image, sb.boxes, table_row(tokens, sb.token)
                 h, w = img.shape[:2]
                 x, new_hw = preprocess.encoder_input(img, s)
                 emb = enc({"image": x[None]})[0]
@@ -273,56 +210,65 @@ def _nncf_quantize(model: Any, items: list[dict[str, np.ndarray]]) -> Any:
                              smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1)))
 
 
-def quantize_folder(folder: Path, graphs: dict[str, Any], model: Any, cfg: Any) -> dict[str, Any]:
-    """Quantises ``folder``'s FP32 image_encoder and decoder IR in place; returns the report.
+@dataclass
+class Quantization:
+    """What :func:`quantize_folder` did: the manifest's ``quantization`` report and, per graph, what
+    it became (``int8`` or ``fp32 (accuracy control)``)."""
+
+    report: dict[str, Any]
+    graphs: dict[str, str]
+
+
+def quantize_folder(folder: Path, cfg: ExportConfig) -> Quantization:
+    """Quantises the FP32 image_encoder and decoder IR of the exported ``folder`` (manifest written) in place.
 
     Accuracy control: the INT8 chain (INT8 encoder -> INT8 decoder) is judged by per-box mask
-    Dice against the FP32 chain on validation prompts. Below ``target_dice`` the encoder goes back
-    to FP32 (it is the more sensitive graph and gains least: 2x vs 3x for the decoder); below it
-    again the export fails. The CLIP image tower, when present, stays FP32 (9 GFLOP per box against
-    76 for the decoder). ``graphs[name]["quantization"]`` records what each graph became.
+    Dice against the FP32 chain on validation prompts. Below ``cfg.int8_target_dice`` the encoder
+    goes back to FP32 (it is the more sensitive graph and gains least: 2x vs 3x for the decoder);
+    below it again the export fails (ExportError). A model with a CLIP image tower is refused: its
+    decoder takes CLIP features that calibration would have to compute.
     """
     import nncf
     import openvino as ov
 
     nncf.set_log_level(40)
     target_dice = cfg.int8_target_dice
-    if "clip_image" in graphs:
-        raise ValueError("int8 export of a model with a CLIP image tower is not supported yet: its decoder "
-                         "takes CLIP features that calibration would have to compute; export fp32/fp16 instead")
-    mc = model.config
+    manifest = load_manifest(folder)
+    if manifest.has_clip:
+        raise ExportError("int8 export of a model with a CLIP image tower is not supported yet: its decoder "
+                          "takes CLIP features that calibration would have to compute; export fp32/fp16 instead")
+    xml = {g: manifest.graph_file(g, "openvino") for g in ("image_encoder", "decoder")}
     core = ov.Core()
-    xml = {g: folder / f"{g}.xml" for g in ("image_encoder", "decoder")}
     fp32 = {g: core.read_model(str(p)) for g, p in xml.items()}
-    enc32, dec32 = IR(fp32["image_encoder"], core), IR(fp32["decoder"], core)
-    tokens = list(ACCEPTED)
-    _log(f"int8: building calibration/validation prompts from {cfg.verify_data or 'a synthetic image'}")
-    data = build_data(cfg.verify_data, cfg.calibration_cases, enc32, dec32, tokens=tokens,
-                      image_size=mc.image_size, crop_size=mc.embedding_size)
+    enc32, dec32 = IR(fp32["image_encoder"]), IR(fp32["decoder"])
+    crop_size = manifest.crop_size
+    log.info(f"int8: building calibration/validation prompts from {cfg.verify_data or 'a synthetic image'}")
+    data = build_data(cfg.verify_data, cfg.calibration_cases, enc32, dec32, tokens=manifest.modality_tokens,
+                      image_size=manifest.image_size, crop_size=crop_size, margin=manifest.propagation_margin)
     n_cal = sum(len(sp.kinds) for sp in data.calib)
     n_val = sum(len(sp.kinds) for sp in data.val)
-    _log(f"int8: {len(data.calib)} calibration slices / {n_cal} boxes, {len(data.val)} validation slices / "
-         f"{n_val} boxes ({data.seconds:.0f} s)")
+    log.info(f"int8: {len(data.calib)} calibration slices / {n_cal} boxes, {len(data.val)} validation slices / "
+             f"{n_val} boxes ({data.seconds:.0f} s)")
     t0 = time.perf_counter()
     q_enc = _nncf_quantize(fp32["image_encoder"], encoder_items(data.calib))
-    q_dec = _nncf_quantize(fp32["decoder"], decoder_items(data.calib, mc.embedding_size))
+    q_dec = _nncf_quantize(fp32["decoder"], decoder_items(data.calib, crop_size))
     t_quant = time.perf_counter() - t0
-    ref = chain_logits(None, dec32, data.val, mc.embedding_size)
-    dec8 = IR(q_dec, core)
+    ref = chain_logits(None, dec32, data.val, crop_size)
+    dec8 = IR(q_dec)
     steps = []
     chosen = None
-    for label, enc in (("encoder int8 + decoder int8", IR(q_enc, core)), ("encoder fp32 + decoder int8", None)):
-        rep = dice_report(ref, chain_logits(enc, dec8, data.val, mc.embedding_size), data.val)
+    for label, enc in (("encoder int8 + decoder int8", IR(q_enc)), ("encoder fp32 + decoder int8", None)):
+        rep = dice_report(ref, chain_logits(enc, dec8, data.val, crop_size), data.val)
         rep["config"] = label
         steps.append(rep)
-        _log(f"int8: {label}: mean box Dice vs FP32 {rep['mean_dice']:.4f} (min {rep['min_dice']:.3f}, "
-             f"by kind {rep['by_kind']}) target {target_dice}")
+        log.info(f"int8: {label}: mean box Dice vs FP32 {rep['mean_dice']:.4f} (min {rep['min_dice']:.3f}, "
+                 f"by kind {rep['by_kind']}) target {target_dice}")
         if rep["mean_dice"] >= target_dice:
             chosen = label
             break
     if chosen is None:
-        raise RuntimeError(f"int8 quantisation misses the accuracy target: mean box Dice vs FP32 "
-                           f"{steps[-1]['mean_dice']:.4f} < {target_dice} even with the encoder in FP32")
+        raise ExportError(f"int8 quantisation misses the accuracy target: mean box Dice vs FP32 "
+                          f"{steps[-1]['mean_dice']:.4f} < {target_dice} even with the encoder in FP32")
     quantized = {"decoder": q_dec, **({"image_encoder": q_enc} if chosen.startswith("encoder int8") else {})}
     for g, m in quantized.items():
         # The FP32 .bin is memory-mapped by read_model (and shared by the quantised model's
@@ -335,6 +281,4 @@ def quantize_folder(folder: Path, graphs: dict[str, Any], model: Any, cfg: Any) 
               "nncf": nncf.__version__, "calibration_boxes": n_cal, "validation_boxes": n_val,
               "calibration_cases": [sp.tag for sp in data.calib], "seconds": round(t_quant, 1),
               "target_dice": target_dice, "result": chosen, "steps": steps}
-    for g in xml:
-        graphs[g]["quantization"] = "int8" if g in quantized else "fp32 (accuracy control)"
-    return report
+    return Quantization(report, {g: "int8" if g in quantized else "fp32 (accuracy control)" for g in xml})

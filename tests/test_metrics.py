@@ -22,7 +22,9 @@ def brute_surfels(mask: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray]:
     """(points in mm (N, 3), areas (N,)) of the surfels of a 3D mask, one 2x2x2 cell at a time.
 
     Written as plain loops (no correlation, no bit tricks shared with mcp_medsam.evaluation.metrics): cell (i, j, k)
-    covers voxels i-1..i, j-1..j, k-1..k of the mask; corner (a, b, c) weighs 2**(7 - 4a - 2b - c).
+    covers voxels i-1..i, j-1..j, k-1..k of the mask; corner (a, b, c) weighs 2**(7 - 4a - 2b - c). The
+    areas come from the table under test, which is itself held to the challenge's literal table
+    (test_table_equals_the_challenges_literal_table_entry_by_entry).
     """
     table = surfel_area_table(tuple(float(s) for s in spacing))
     padded = np.zeros(tuple(n + 2 for n in mask.shape), dtype=bool)
@@ -234,3 +236,79 @@ def test_nsd_dsc_gate():
     seg[10:20, 17] = 1  # 30 px overlap: DSC 0.27, above the gate
     dsc, nsd_, _ = case_scores(gt, seg)
     assert dsc > 0.2 and nsd_ == case_scores(gt, seg, nsd_dsc_gate=False)[1] > 0.0
+
+
+# The challenge's table, entry by entry. The challenge's surface-distance code (google-deepmind/
+# surface-distance, surface_distance/lookup_tables.py, _NEIGHBOUR_CODE_TO_NORMALS; MedSAM's
+# evaluation/SurfaceDice.py holds the same 256 entries as neighbour_code_to_normals) lists, per code,
+# the normals of its marching-cubes triangles; an area at a spacing is the sum over the normals of
+# |(n0 s1 s2, n1 s0 s2, n2 s0 s1)|. The area needs only the components' magnitudes, written here in
+# eighths: "400.222.111" is the normals (±0.5, 0, 0), (±0.25, ±0.25, ±0.25), (±0.125, ±0.125, ±0.125).
+CHALLENGE_NORMALS_IN_EIGHTHS = (
+    '000 111 111 220.220 111 202.202 111.111 400.222.111 '
+    '111 111.111 202.202 400.222.111 220.220 400.222.111 400.222.111 400.400 '
+    '111 022.022 111.111 040.222.111 111.111 004.222.111 111.111.111 111.222.222.111 '
+    '111.111 022.022.111 202.202.111 111.333.022.202 111.220.220 333.022.111.220 400.111.222.111 400.111.222 '
+    '111 111.111 022.022 040.111.222 111.111 111.202.202 022.022.111 333.022.111.202 '
+    '111.111 111.111.111 004.222.111 222.222.111.111 111.220.220 400.222.111.111 022.333.111.220 400.222.111 '
+    '220.220 040.222.111 040.111.222 040.040 220.220.111 333.202.111.220 111.040.222.111 040.222.111 '
+    '111.220.220 040.222.111.111 333.220.111.202 040.222.111 220.220.220.220 220.220.111 111.220.220 220.220 '
+    '111 111.111 111.111 111.220.220 022.022 004.222.111 022.022.111 333.022.111.220 '
+    '111.111 111.111.111 111.202.202 400.222.111.111 040.222.111 222.222.111.111 202.333.022.111 400.222.111 '
+    '202.202 004.222.111 111.202.202 202.333.220.111 004.222.111 004.004 111.111.222.004 111.222.004 '
+    '202.202.111 004.222.111.111 202.202.202.202 111.202.202 202.333.220.111 004.222.111 111.202.202 202.202 '
+    '111.111 111.111.111 111.022.022 040.111.222.111 022.022.111 004.222.111.111 022.022.022.022 022.022.111 '
+    '111.111.111 111.111.111.111 004.222.111.111 111.111.111 040.222.111.111 111.111.111 022.022.111 111.111 '
+    '400.222.111 222.111.222.111 333.022.111.202 040.222.111 333.220.022.111 111.222.004 111.022.022 022.022 '
+    '400.222.111.111 111.111.111 202.202.111 111.111 220.220.111 111.111 111.111 111 '
+    '111 111.111 111.111 220.220.111 111.111 202.202.111 111.111.111 400.222.111.111 '
+    '022.022 111.022.022 111.222.004 333.220.022.111 040.222.111 333.022.111.202 222.111.222.111 400.222.111 '
+    '111.111 022.022.111 111.111.111 040.222.111.111 111.111.111 004.222.111.111 111.111.111.111 111.111.111 '
+    '022.022.111 022.022.022.022 004.222.111.111 022.022.111 040.111.222.111 111.022.022 111.111.111 111.111 '
+    '202.202 111.202.202 004.222.111 202.333.220.111 111.202.202 202.202.202.202 004.222.111.111 202.202.111 '
+    '111.222.004 111.111.222.004 004.004 004.222.111 202.333.220.111 111.202.202 004.222.111 202.202 '
+    '400.222.111 202.333.022.111 222.222.111.111 040.222.111 400.222.111.111 111.202.202 111.111.111 111.111 '
+    '333.022.111.220 022.022.111 004.222.111 022.022 111.220.220 111.111 111.111 111 '
+    '220.220 111.220.220 220.220.111 220.220.220.220 040.222.111 333.220.111.202 040.222.111.111 111.220.220 '
+    '040.222.111 111.040.222.111 333.202.111.220 220.220.111 040.040 040.111.222 040.222.111 220.220 '
+    '400.222.111 022.333.111.220 400.222.111.111 111.220.220 222.222.111.111 004.222.111 111.111.111 111.111 '
+    '333.022.111.202 022.022.111 111.202.202 111.111 040.111.222 022.022 111.111 111 '
+    '400.111.222 400.111.222.111 333.022.111.220 111.220.220 111.333.022.202 202.202.111 022.022.111 111.111 '
+    '111.222.222.111 111.111.111 004.222.111 111.111 040.222.111 111.111 022.022 111 '
+    '400.400 400.222.111 400.222.111 220.220 400.222.111 202.202 111.111 111 '
+    '400.222.111 111.111 202.202 111 220.220 111 111 000'
+).split()
+
+
+def challenge_area(code: int, spacing: tuple[float, float, float]) -> float:
+    """create_table_neighbour_code_to_surface_area(spacing)[code] of the challenge's code."""
+    s0, s1, s2 = spacing
+    total = 0.0
+    for normal in CHALLENGE_NORMALS_IN_EIGHTHS[code].split("."):
+        a, b, c = (int(d) / 8 for d in normal)
+        total += math.sqrt((a * s1 * s2) ** 2 + (b * s0 * s2) ** 2 + (c * s0 * s1) ** 2)
+    return total
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (3.0, 0.7, 1.3), (0.5, 2.0, 6.5), (2.5, 0.8, 0.8)])
+def test_table_equals_the_challenges_literal_table_entry_by_entry(spacing):
+    assert len(CHALLENGE_NORMALS_IN_EIGHTHS) == 256
+    ours = surfel_area_table(spacing)
+    for code in range(256):
+        assert ours[code] == pytest.approx(challenge_area(code, spacing), rel=1e-12, abs=1e-15), code
+
+
+def test_batch_dice_scores_each_pair_and_dice_is_its_single_case():
+    from mcp_medsam.evaluation.dice import batch_dice
+
+    a = np.zeros((3, 4, 5), bool)
+    b = np.zeros_like(a)
+    a[0, :2, :2] = b[0, :2, :2] = True  # identical
+    a[1, :2, :2] = True  # 4 pixels against 2 of them
+    b[1, :1, :2] = True
+    # pair 2: both empty
+    np.testing.assert_array_equal(batch_dice(a, b), [1.0, 2 * 2 / 6, 1.0])
+    assert [dice(x, y) for x, y in zip(a, b)] == list(batch_dice(a, b))
+    assert batch_dice(a.astype(np.uint8) * 7, b)[1] == pytest.approx(2 / 3)  # any non-zero value is foreground
+    with pytest.raises(ValueError, match="shape mismatch"):
+        batch_dice(a, b[:, :3])

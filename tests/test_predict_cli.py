@@ -148,3 +148,26 @@ def test_predict_never_imports_torch(cases, tiny_export, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
     assert (tmp_path / "2DBox_CT_good.npz").exists()
+
+
+def test_help_states_the_robustness_options():
+    proc = run_cli("predict", "--help", env={"COLUMNS": "400"})  # one line per option
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    assert "--max-image-mb" in text and "[default: 2048.0]" in text and "CVPR24 or CVPR25" in text
+    assert "must not be the input folder" in text
+    proc = run_cli("verify-weights", "--help")
+    assert proc.returncode == 0 and "sha256" in proc.stdout
+
+
+def test_a_rerun_into_the_same_folder_keeps_the_other_rows(cases, tiny_export, tmp_path):
+    """The timing CSV describes every case in OUT: a second run on other cases adds its rows."""
+    out = tmp_path / "out"
+    for name in ("2DBox_CT_good.npz", "3DBox_MR_vol.npz"):
+        one = tmp_path / name
+        one.mkdir()
+        (one / name).write_bytes((cases / name).read_bytes())
+        proc = run_cli("predict", "-i", str(one), "-o", str(out), "--weights", str(tiny_export), "--threads", "1")
+        assert proc.returncode == 0, proc.stderr
+    with open(out / "timing.csv") as f:
+        assert [r["case"] for r in csv.DictReader(f)] == ["2DBox_CT_good.npz", "3DBox_MR_vol.npz"]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import SAMPLE, need, run_cli, tiny_checkpoint
+from mcp_medsam.evaluation.dice import dice
 
 
 def test_mask_dice_counts_only_the_image_region():
@@ -26,7 +27,7 @@ def test_mask_dice_counts_only_the_image_region():
 
 def test_calibration_cases_cover_every_modality():
     from mcp_medsam.modality import modality_token
-    from mcp_medsam_torch.quantize import spread_cases
+    from mcp_medsam_torch.cases import spread_cases
 
     folder = need(SAMPLE / "imgs")
     groups = {(f.name.split("_")[0], modality_token(f.name)) for f in folder.glob("*.npz")}
@@ -34,6 +35,9 @@ def test_calibration_cases_cover_every_modality():
     assert len(files) == 12
     # One case of every (2D/3D, modality) group before any group repeats.
     assert {(f.name.split("_")[0], modality_token(f.name)) for f in files[:len(groups)]} == groups
+    # Verification's few picks hold 2D and 3D cases alike.
+    assert [f.name[:5] for f in spread_cases(folder, 3, alternate_dims=True)] == ["2DBox", "3DBox", "2DBox"]
+    assert sorted(spread_cases(folder, -1, alternate_dims=True)) == sorted(spread_cases(folder, -1))
 
 
 @pytest.mark.slow
@@ -59,6 +63,20 @@ def test_int8_export_quantizes_verifies_and_predicts(tmp_path, tiny_export):
     for w, o in ((out, "o8"), (tiny_export, "o32")):
         r = run_cli("predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / o), "--weights", str(w))
         assert r.returncode == 0, r.stderr
-    a = np.load(tmp_path / "o8" / case)["segs"] > 0
-    b = np.load(tmp_path / "o32" / case)["segs"] > 0
-    assert 2 * (a & b).sum() / max(a.sum() + b.sum(), 1) >= 0.9
+    assert dice(np.load(tmp_path / "o8" / case)["segs"] > 0, np.load(tmp_path / "o32" / case)["segs"] > 0) >= 0.9
+
+
+def test_a_clip_tower_is_refused_with_the_export_error(tiny_export, tmp_path):
+    import shutil
+
+    from mcp_medsam_torch.config import ExportConfig, ExportError
+    from mcp_medsam_torch.quantize import quantize_folder
+
+    folder = tmp_path / "w"
+    shutil.copytree(tiny_export, folder)
+    m = json.loads((folder / "manifest.json").read_text())
+    m["graphs"]["clip_image"] = dict(m["graphs"]["image_encoder"])  # a folder that says it has a CLIP tower
+    (folder / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ExportError, match="CLIP image tower is not supported"):
+        quantize_folder(folder, ExportConfig(out=folder, precision="int8"))
+    assert json.loads((folder / "manifest.json").read_text()) == m  # nothing rewritten

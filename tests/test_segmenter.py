@@ -125,6 +125,17 @@ def test_load_of_a_folder_without_a_model(tmp_path):
     assert isinstance(err.value, SegmentationError)
 
 
+def test_loading_leaves_the_callers_locale_alone(tmp_path):
+    """OpenVINO's IR reader flips the C locale while it parses; graphs read side by side used to leave
+    the caller's process in the ASCII "C" locale (text pipes then failed on UTF-8). Cold and warm cache."""
+    import locale
+
+    before = locale.setlocale(locale.LC_ALL)
+    for _ in range(3):
+        Segmenter.load(cache_dir=tmp_path, threads=1)
+        assert locale.setlocale(locale.LC_ALL) == before
+
+
 def test_walks_cover_the_z_range_inclusive():
     start = Walk(label=1, box=np.array([0, 0, 5, 5]), z=4, lo=2, hi=6)
     mask = np.ones((3, 3), bool)

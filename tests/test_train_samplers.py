@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import chisquare
 
 from mcp_medsam_torch.train.data import CaseRecord, DataIndex
-from mcp_medsam_torch.train.samplers import PromptSampler, StepBatchSampler
+from mcp_medsam_torch.train.samplers import CaseChoice, PromptSampler, StepBatchSampler
 
 
 def _index() -> DataIndex:
@@ -74,3 +74,20 @@ def test_step_batch_sampler_splits_ranks_and_resumes() -> None:
     assert list(resumed) == list(full[1])[2:] and len(resumed) == 2
     over = StepBatchSampler(batch_size=2, start_step=0, stop_step=3, overfit=2)
     assert list(over) == [[0, 1]] * 3
+
+
+def test_case_choice_draws_only_the_given_cases_modalities_first() -> None:
+    """The first draws shared by training and the distillation's prompt draws, on a subset of cases."""
+    categories = [0, 0, 0, 0, 3, 1, 1]  # case i has category categories[i]
+    ids = [10, 11, 12, 13, 14, 15, 16]
+    rng = np.random.default_rng(0)
+    by_modality = Counter(CaseChoice(categories, kind="modality", ids=ids).draw(rng) for _ in range(12000))
+    assert set(by_modality) == set(ids)
+    per_cat = Counter({0: 0, 1: 0, 3: 0})
+    for i, n in by_modality.items():
+        per_cat[categories[ids.index(i)]] += n
+    assert chisquare(list(per_cat.values())).pvalue > 1e-3  # each modality a third, whatever its case count
+    by_case = Counter(CaseChoice(categories, kind="case", ids=ids).draw(rng) for _ in range(14000))
+    assert chisquare([by_case[i] for i in ids]).pvalue > 1e-3
+    with pytest.raises(ValueError, match="no cases"):
+        CaseChoice([], kind="case")

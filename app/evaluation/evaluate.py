@@ -187,6 +187,12 @@ def evaluate_folder(segs: Path, gts: Path, *, csv_path: Path | None = None, repo
     Raises EvaluationError when ``gts`` holds no ``*.npz`` or ``segs`` is not a folder.
     """
     segs, gts = Path(segs), Path(gts)
+    write_report = None
+    if report_dir is not None:
+        try:  # matplotlib only when a report is asked for; missing, it fails before any case is scored
+            from .report import write_report
+        except ImportError as exc:
+            raise EvaluationError(f"the report needs {exc.name}: pip install 'mcp-medsam[eval]'") from None
     gt_files = sorted(gts.glob("*.npz")) if gts.is_dir() else []
     if not gt_files:
         raise EvaluationError(f"no ground truth *.npz in {gts}")
@@ -227,9 +233,7 @@ def evaluate_folder(segs: Path, gts: Path, *, csv_path: Path | None = None, repo
     )
     if csv_path is not None:
         write_text(csv_path, cases_csv(cases))
-    if report_dir is not None:
-        from .report import write_report  # OpenCV drawing only when a report is asked for
-
+    if write_report is not None:
         write_report(result, report_dir)
     return result
 

@@ -43,6 +43,10 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from .dice import dice
+
+__all__ = ["NSD_DSC_GATE", "LabelScore", "case_scores", "dice", "nsd", "surfel_area_table"]
+
 # The challenge skips NSD for cases whose mean DSC is not above this (compute_metrics.py).
 NSD_DSC_GATE = 0.2
 
@@ -186,18 +190,6 @@ def _as_volume(gt: np.ndarray, seg: np.ndarray, spacing: Sequence[float] | None
             raise ValueError(f"3D masks need 3 spacing values (z, y, x), got {spacing}")
         return gt, seg, (sp[0], sp[1], sp[2])
     raise ValueError(f"masks must be 2D or 3D, got shape {gt.shape}")
-
-
-def dice(gt: np.ndarray, seg: np.ndarray) -> float:
-    """Dice of two bool masks of the same shape (any ndim). Both empty -> 1.0."""
-    gt = np.asarray(gt, dtype=bool)
-    seg = np.asarray(seg, dtype=bool)
-    if gt.shape != seg.shape:
-        raise ValueError(f"shape mismatch: gt {gt.shape}, seg {seg.shape}")
-    total = int(np.count_nonzero(gt)) + int(np.count_nonzero(seg))
-    if total == 0:
-        return 1.0
-    return 2.0 * int(np.count_nonzero(gt & seg)) / total
 
 
 def _distances(surface: np.ndarray, at: tuple[np.ndarray, ...], spacing: tuple[float, float, float]) -> np.ndarray:

@@ -1,1 +1,3 @@
-"""Reading cases and writing results: CVPR24 NPZ cases (:mod:`.npz`), atomic writes (:mod:`.atomic`)."""
+"""Reading cases and writing results: CVPR24 and CVPR25 NPZ cases (:mod:`.npz`), medical files in their own formats
+(:mod:`.medical`), atomic writes and clean interruption (:mod:`.atomic`), checks of input and output locations
+(:mod:`.paths`)."""

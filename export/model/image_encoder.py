@@ -165,22 +165,12 @@ class TinyViTBlock(nn.Module):
         return x + self.mlp(x)
 
 
-class ConvStage(nn.Module):
-    """Stage 0: MBConv blocks on (B, C, H, W), then PatchMerging to tokens."""
+class Stage(nn.Module):
+    """One TinyViT stage: its blocks, then an optional PatchMerging (every stage but the last).
 
-    def __init__(self, blocks: Sequence[nn.Module], downsample: nn.Module) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-        self.downsample = downsample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for blk in self.blocks:
-            x = blk(x)
-        return self.downsample(x)
-
-
-class AttentionStage(nn.Module):
-    """Stages 1-3: TinyViT blocks on tokens, then an optional PatchMerging."""
+    Stage 0: MBConv blocks on (B, C, H, W), merged to tokens (B, N, C'); stages 1-3: TinyViT blocks
+    on tokens (B, N, C).
+    """
 
     def __init__(self, blocks: Sequence[nn.Module], downsample: nn.Module | None) -> None:
         super().__init__()
@@ -228,14 +218,14 @@ class TinyViT(nn.Module):
                 down = PatchMerging(resolution=res, dim=dims[i], out_dim=dims[i + 1], stride=cfg.merge_strides[i])
             if i == 0:
                 blocks = [MBConv(dims[0], cfg.mbconv_expand_ratio) for _ in range(depth)]
-                layers.append(ConvStage(blocks, down))
+                layers.append(Stage(blocks, down))
             else:
                 blocks = [
                     TinyViTBlock(dims[i], resolution=res, num_heads=cfg.num_heads[i],
                                  window=cfg.window_sizes[i], mlp_ratio=cfg.mlp_ratio)
                     for _ in range(depth)
                 ]
-                layers.append(AttentionStage(blocks, down))
+                layers.append(Stage(blocks, down))
             if not last:
                 res //= cfg.merge_strides[i]
         self.layers = nn.ModuleList(layers)

@@ -9,7 +9,7 @@ tokens before SAM's upscaling and hypernetwork head:
 
 The official module names are kept as they are, although ``convs`` is the content block and
 ``c_conv`` the block after the fuse conv: this wiring reproduces the official golden logits to
-~5e-5 (tests/test_golden_modules.py); the name-suggested wiring does not (0.17 rms).
+~5e-5, inside the 1e-4 of tests/test_model_golden.py; the name-suggested wiring does not (0.17 rms).
 The modality classifier reads ``w_lin(t) + b_lin(t) + t``, as the official one does.
 """
 

@@ -48,16 +48,24 @@ def variant_name(config: ModelConfig) -> str:
     return next(name for name, cfg in MODEL_CONFIGS.items() if cfg == config)
 
 
-class MCPMedSAM(nn.Module):
-    """TinyViT encoder + MCP prompt encoder + F4 decoder, one box per prompt."""
+class _SamLayout(nn.Module):
+    """What both models share: segment-anything's three parts (``image_encoder``, ``prompt_encoder``,
+    ``mask_decoder``: the state_dict prefixes of the official checkpoints) and their config."""
 
-    def __init__(self, *, image_encoder: TinyViT, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoderF4,
+    def __init__(self, *, image_encoder: TinyViT, prompt_encoder: nn.Module, mask_decoder: nn.Module,
                  config: ModelConfig) -> None:
         super().__init__()
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.config = config
+
+
+class MCPMedSAM(_SamLayout):
+    """TinyViT encoder + MCP prompt encoder + F4 decoder, one box per prompt."""
+
+    prompt_encoder: PromptEncoder
+    mask_decoder: MaskDecoderF4
 
     def decode(self, *, image_embeddings: torch.Tensor, boxes: torch.Tensor, crops: torch.Tensor,
                clip_image_features: torch.Tensor, text_features: torch.Tensor,
@@ -78,16 +86,11 @@ class MCPMedSAM(nn.Module):
                            category_idx=category_idx)
 
 
-class LiteMedSAM(nn.Module):
+class LiteMedSAM(_SamLayout):
     """TinyViT encoder + SAM box prompt encoder + SAM decoder (the teacher and the baseline)."""
 
-    def __init__(self, *, image_encoder: TinyViT, prompt_encoder: BoxPromptEncoder, mask_decoder: SamMaskDecoder,
-                 config: ModelConfig) -> None:
-        super().__init__()
-        self.image_encoder = image_encoder
-        self.prompt_encoder = prompt_encoder
-        self.mask_decoder = mask_decoder
-        self.config = config
+    prompt_encoder: BoxPromptEncoder
+    mask_decoder: SamMaskDecoder
 
     def decode(self, *, image_embeddings: torch.Tensor, boxes: torch.Tensor) -> DecoderOutput:
         """image_embeddings (B, 256, 64, 64), boxes (B, 4) on the 256 grid -> (B, 1, 256, 256) logits."""

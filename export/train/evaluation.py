@@ -1,44 +1,36 @@
-"""Validation during training: a fixed, cheap set of held-out prompts and DSC per modality.
+"""Judging a run on held-out cases: training's validation set, and distillation's agreement.
 
-The set is built once per run: for each held-out case, up to ``slices_per_case`` labelled slices
-spread evenly over the case and up to ``labels_per_slice`` of their labels, with the untouched
-tight box (no flip, no jitter), preprocessed by the same code as training. DSC is measured on the
-S x S grid, inside the resized image (the padding excluded): cheap and stable from epoch to
-epoch, not the challenge metric at original resolution.
+Training (:func:`build_val_set`, :func:`evaluate`): a fixed, cheap set built once per run: for each
+held-out case, up to ``slices_per_case`` labelled slices spread evenly over the case and up to
+``labels_per_slice`` of their labels, with the untouched tight box (no flip, no jitter),
+preprocessed by the same code as training. DSC is measured on the S x S grid, inside the resized
+image (the padding excluded): cheap and stable from epoch to epoch, not the challenge metric at
+original resolution.
+
+Distillation (:func:`evaluate_agreement`): the cached held-out prompts at original resolution,
+student against teacher and both against the labels.
+
+Every Dice is :func:`mcp_medsam.evaluation.dice.dice`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
+from mcp_medsam.evaluation.dice import dice
 from mcp_medsam.modality import CATEGORIES
+from mcp_medsam.preprocess import postprocess_logits
+from mcp_medsam_torch.model import LiteMedSAM, MCPMedSAM
 
 from .augment import AugmentConfig, make_sample
-from .data import CaseReader, DataIndex
-
-
-def dice_score(pred: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor) -> float:
-    """2|A and B| / (|A| + |B|) of two boolean masks; 1.0 when both are empty."""
-    if torch.is_tensor(pred):
-        pred, ref = pred.bool(), ref.bool()
-        inter = int((pred & ref).sum())
-        total = int(pred.sum()) + int(ref.sum())
-    else:
-        pred, ref = pred.astype(bool), ref.astype(bool)
-        inter = int(np.logical_and(pred, ref).sum())
-        total = int(pred.sum()) + int(ref.sum())
-    return 1.0 if total == 0 else 2.0 * inter / total
-
-
-def evenly(items: tuple | list, k: int) -> list:
-    """Up to k items spread evenly over the sequence (all of them when it is short)."""
-    if k <= 0 or len(items) <= k:
-        return list(items)
-    pos = np.linspace(0, len(items) - 1, k).round().astype(int)
-    return [items[i] for i in sorted(set(pos.tolist()))]
+from .clip_features import ClipFeatures
+from .data import CaseReader, DataIndex, evenly
+from .embedding_cache import CachedCase
+from .prompt_draws import assemble
 
 
 @dataclass
@@ -124,7 +116,7 @@ def evaluate(model: torch.nn.Module, val: ValSet, *, device: torch.device, clip_
             pred = (out.masks[:, 0] > 0).cpu().numpy()
             for j in range(pred.shape[0]):
                 nh, nw = val.new_hw[i + j]
-                scores.append(dice_score(pred[j, :nh, :nw], val.masks[i + j, :nh, :nw]))
+                scores.append(dice(pred[j, :nh, :nw], val.masks[i + j, :nh, :nw]))
     finally:
         for m, t in modes.items():
             m.training = t
@@ -137,3 +129,51 @@ def evaluate(model: torch.nn.Module, val: ValSet, *, device: torch.device, clip_
     result["dsc_mean"] = float(np.mean([np.mean(v) for v in per_mod.values()]))
     result["dsc_prompts"] = float(np.mean(scores))
     return result
+
+
+@torch.no_grad()
+def evaluate_agreement(student: MCPMedSAM, teacher: LiteMedSAM, val: list[CachedCase], *, tokens: tuple[str, ...],
+                       clip: ClipFeatures, texts: torch.Tensor, batch_size: int, device: torch.device,
+                       teacher_masks: dict | None = None) -> dict[str, Any]:
+    """Held-out prompts (gt boxes) at original resolution: Dice(student, teacher), DSC(student, gt),
+    DSC(teacher, gt); means over prompts and over modalities (each modality weighted equally).
+
+    ``teacher_masks`` (a dict) memoises the teacher's masks between calls.
+    """
+    mc = student.config
+    student.eval()
+    memo = teacher_masks if teacher_masks is not None else {}
+    rows = [(ci, j) for ci, c in enumerate(val) for j in range(len(c.pos))]
+    per: list[tuple[str, float, float, float]] = []
+    for k in range(0, len(rows), batch_size):
+        chunk = rows[k:k + batch_size]
+        b = assemble(val, chunk, [val[ci].grid[j] for ci, j in chunk], [val[ci].crop[j] for ci, j in chunk],
+                     tokens=tokens, size=mc.image_size, crop_size=mc.embedding_size,
+                     clip_size=mc.clip_crop_size if clip.enabled else None, with_target=False, device=device)
+        feats = clip(b.crops_clip, [""] * len(chunk), use_cache=False)
+        s_out = student.decode(image_embeddings=b.emb, boxes=b.boxes, crops=b.crops, clip_image_features=feats,
+                               text_features=texts[b.token], category_idx=b.category)
+        s_logits = s_out.masks[:, 0].float().cpu().numpy()
+        missing = [r for r, key in enumerate(chunk) if key not in memo]
+        if missing:
+            t_logits = teacher.decode(image_embeddings=b.emb[missing], boxes=b.boxes[missing]).masks[:, 0]
+            t_logits = t_logits.float().cpu().numpy()
+        for r, (ci, j) in enumerate(chunk):
+            c = val[ci]
+            i = int(c.pos[j])
+            gt = np.asarray(c.gt[i]) == c.label[j]
+            hw = tuple(int(v) for v in c.new_hw[i])
+            if (ci, j) not in memo:
+                memo[(ci, j)] = postprocess_logits(t_logits[missing.index(r)], hw, gt.shape)
+            tm = memo[(ci, j)]
+            sm = postprocess_logits(s_logits[r], hw, gt.shape)
+            per.append((c.record.modality, dice(sm, tm), dice(sm, gt), dice(tm, gt)))
+    out: dict[str, Any] = {"prompts": len(per)}
+    for n, name in enumerate(("agreement", "dsc_student", "dsc_teacher"), start=1):
+        out[name] = float(np.mean([p[n] for p in per]))
+        mods: dict[str, list[float]] = {}
+        for p in per:
+            mods.setdefault(p[0], []).append(p[n])
+        out[f"{name}_by_modality"] = {m: float(np.mean(v)) for m, v in sorted(mods.items())}
+        out[f"{name}_modality_mean"] = float(np.mean([np.mean(v) for v in mods.values()]))
+    return out

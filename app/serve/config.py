@@ -1,0 +1,99 @@
+"""The service's settings and the one rule about where it may listen.
+
+Torch-free and FastAPI-free: the ``serve`` command checks the bind address before it loads anything.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import SegmentationError
+
+TOKEN_ENV = "MCP_MEDSAM_TOKEN"
+MB = 1024 * 1024
+
+
+class ServeError(SegmentationError):
+    """A setting the service cannot start with (the command prints it as one line, exit status 2)."""
+
+    exit_code = 2
+
+
+class MissingExtra(ServeError):
+    """The ``serve`` extra (FastAPI, uvicorn, python-multipart) is not installed (exit status 1)."""
+
+    exit_code = 1
+
+
+def require_extra() -> None:
+    """Raise MissingExtra naming the first missing package of the ``serve`` extra."""
+    import importlib.util
+
+    for module, package in (("fastapi", "fastapi"), ("uvicorn", "uvicorn"), ("python_multipart", "python-multipart")):
+        if importlib.util.find_spec(module) is None:
+            raise MissingExtra(f"serve needs {package}: pip install 'mcp-medsam[serve]'")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Where to listen and what to accept. Sizes in MB (2**20 bytes).
+
+    max_upload_mb: one upload's request body (413 above); max_image_mb: the decoded uint8 array of
+    one upload (413 above, checked from the file's header before decoding where the format allows);
+    max_images: images held at once (413 for one more; DELETE frees a place); max_boxes: boxes per
+    segment request (422 above); cache_mb: embeddings of volume slices kept across requests, for all
+    volumes together (4 MB per slice with the default model; least recently used volume dropped
+    first); cors_origins: origins allowed to call from a browser (none: no CORS headers);
+    temp_dir: where the private upload folder is made (None: the system's temporary folder).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None
+    max_upload_mb: float = 512.0
+    max_image_mb: float = 1024.0
+    max_images: int = 16
+    max_boxes: int = 64
+    cache_mb: float = 1024.0
+    cors_origins: tuple[str, ...] = ()
+    temp_dir: Path | None = None
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * MB)
+
+    @property
+    def max_image_bytes(self) -> int:
+        return int(self.max_image_mb * MB)
+
+    @property
+    def cache_bytes(self) -> int:
+        return int(self.cache_mb * MB)
+
+    def check(self) -> None:
+        """Raise ServeError for settings the service must not start with (before any model loads)."""
+        if not is_loopback(self.host) and not self.token:
+            raise ServeError(f"refusing to listen on {self.host} without a token: pass --token T or set "
+                             f"${TOKEN_ENV} (every request then needs 'Authorization: Bearer T'), "
+                             f"or keep the default --host 127.0.0.1")
+        if self.token is not None and (not self.token.strip() or any(c.isspace() for c in self.token)):
+            raise ServeError("the token must be non-empty and contain no spaces")
+        for name in ("max_upload_mb", "max_image_mb", "cache_mb"):
+            if getattr(self, name) <= 0:
+                raise ServeError(f"--{name.replace('_', '-')} must be positive")
+        if self.max_images < 1 or self.max_boxes < 1:
+            raise ServeError("--max-images and --max-boxes must be at least 1")
+        if not 0 <= self.port <= 65535:
+            raise ServeError(f"--port {self.port} is not a TCP port (0..65535)")
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve to anything
