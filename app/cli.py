@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn, Optional
+from contextlib import contextmanager
+from typing import Iterator, NoReturn, Optional
 
 import typer
 
@@ -35,6 +36,21 @@ def _fail(exc: Exception) -> NoReturn:
     raise typer.Exit(1)
 
 
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """The runners' errors as the command line reports them: a bad command line is one line and exit
+    status 2, any other problem of the user's (input, folders, model) one line and exit status 1."""
+    from .errors import SegmentationError, UsageError
+
+    try:
+        yield
+    except UsageError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    except SegmentationError as exc:
+        _fail(exc)
+
+
 @cli.command()
 def predict(
     inputs: Path = typer.Option(..., "--input", "-i", help="Folder of *.npz cases, CVPR24 or CVPR25 layout (read in sorted order)."),
@@ -60,20 +76,15 @@ def predict(
     from .batch import predict as run
     from .batch import summary
     from .engine import set_default_precision
-    from .errors import SegmentationError, UsageError
     from .io.atomic import Interrupted
 
     set_default_precision(precision)  # read by every model load of the run, Dask workers started here included
     try:
-        results = run(inputs, outputs, weights=weights, backend=backend, overlays=overlays,
-                      default_modality=default_modality, timing=timing, max_batch=max_batch, threads=threads,
-                      cache_dir=cache_dir, max_image_mb=max_image_mb, num_parts=num_parts, part_id=part_id,
-                      skip_existing=skip_existing, dask=dask)
-    except UsageError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
-    except SegmentationError as exc:
-        _fail(exc)
+        with _user_errors():
+            results = run(inputs, outputs, weights=weights, backend=backend, overlays=overlays,
+                          default_modality=default_modality, timing=timing, max_batch=max_batch, threads=threads,
+                          cache_dir=cache_dir, max_image_mb=max_image_mb, num_parts=num_parts, part_id=part_id,
+                          skip_existing=skip_existing, dask=dask)
     except Interrupted as exc:
         typer.echo(f"error: {exc}: {exc.finished} case(s) finished and recorded; the case in flight was "
                    f"abandoned", err=True)
@@ -97,15 +108,9 @@ def timing_merge(
     when it is the last to finish). Exit status 1 when a part has written no file yet, or with --input when
     cases have no row."""
     from .batch import merge_timing_files
-    from .errors import SegmentationError, UsageError
 
-    try:
+    with _user_errors():
         report = merge_timing_files(outputs, timing=timing, num_parts=num_parts, inputs=inputs)
-    except UsageError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
-    except SegmentationError as exc:
-        _fail(exc)
     typer.echo(f"{report.timing}: {report.rows} rows from {report.num_parts} parts")
     if report.missing:
         shown = ", ".join(report.missing[:5]) + (", ..." if len(report.missing) > 5 else "")
@@ -141,21 +146,14 @@ def segment(
     Intensities as the CVPR24 challenge converted them (see --window). Exit status 0 when every
     input succeeded, 1 when one failed (one 'error:' line each; the others still run), 2 for a
     bad command line. NIfTI, NRRD, MetaImage and DICOM need the io extra (SimpleITK)."""
-    from .errors import SegmentationError
-    from .segment import UsageError
     from .segment import segment as run
 
-    try:
+    with _user_errors():
         results = run(inputs, output, modality=modality, box=box or (), boxes=boxes, boxes_from=boxes_from,
                       series=series, window=window, min_size=min_size, mask_threshold=mask_threshold,
                       out_format=out_format, weights=weights, backend=backend, threads=threads,
                       max_batch=max_batch, cache_dir=cache_dir, num_parts=num_parts, part_id=part_id,
                       skip_existing=skip_existing, precision=precision)
-    except UsageError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
-    except SegmentationError as exc:
-        _fail(exc)
     failed = [r for r in results if r.status not in ("ok", "skipped")]
     total = sum(r.seconds for r in results)
     typer.echo(f"{len(results) - len(failed)}/{len(results)} inputs segmented in {total:.1f} s", err=True)

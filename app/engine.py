@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import locale
 import math
 import os
 import shutil
@@ -34,6 +33,7 @@ import numpy as np
 
 from .errors import EngineError, ManifestError, ModelError
 from .io.atomic import write_json
+from .locale_guard import keep_locale
 from .manifest import MANIFEST_NAME, Manifest, SegmentSpec, bundled_weights, load_manifest, sha256_file
 
 BACKENDS = ("openvino", "onnxruntime")
@@ -400,16 +400,9 @@ def _openvino_runners(manifest: Manifest, precision: str, *, cache_dir: Path | N
         except RuntimeError as exc:
             raise EngineError(f"{path}: OpenVINO cannot load this graph ({_ov_reason(exc)})") from None
 
-    # OpenVINO's IR reader switches the process-wide C locale to "C" and back while it parses; two
-    # parses at once can restore each other's "C", leaving the caller's process with an ASCII locale
-    # (text subprocess pipes and open() without an encoding then fail on non-ASCII bytes). So the
-    # locale the caller had is put back once the graphs are compiled.
-    saved = locale.setlocale(locale.LC_ALL)
-    try:
-        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-            compiled = dict(zip(map(id, jobs), pool.map(compile_segment, jobs)))
-    finally:
-        locale.setlocale(locale.LC_ALL, saved)
+    # Two IR parses at once can leave the process in the "C" locale (see locale_guard).
+    with keep_locale(), ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        compiled = dict(zip(map(id, jobs), pool.map(compile_segment, jobs)))
     return {name: chain_runner([compiled[id(s)] for s in segs], segs, list(manifest.graphs[name].outputs),
                                where=manifest.folder)
             for name, segs in chains.items()}

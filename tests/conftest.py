@@ -73,6 +73,21 @@ def tiny_export(tmp_path_factory) -> Path:
     return export_model(ExportConfig(out=tmp / "weights", checkpoint=tiny_checkpoint(tmp / "tiny.pth")))
 
 
+@pytest.fixture(autouse=True)
+def callers_locale_is_kept():
+    """No call of the project (or test set-up) leaves the process in another C locale: native readers
+    that switch it (OpenVINO's IR reader, GDCM) once left this process in ASCII "C", and every text
+    pipe after that failed on UTF-8 output."""
+    import locale
+
+    before = locale.setlocale(locale.LC_ALL)
+    yield
+    after = locale.setlocale(locale.LC_ALL)
+    if after != before:
+        locale.setlocale(locale.LC_ALL, before)  # the next tests start from the caller's locale again
+        pytest.fail(f"the process locale changed from {before!r} to {after!r}")
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     """The real console entry point, in a fresh interpreter."""
     return subprocess.run([sys.executable, "-m", "mcp_medsam", *args], cwd=REPO, capture_output=True, text=True,

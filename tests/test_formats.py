@@ -5,6 +5,7 @@ No model runs here."""
 
 from __future__ import annotations
 
+import locale
 import shutil
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ sitk = pytest.importorskip("SimpleITK")
 
 from mcp_medsam.errors import InputError, SegmentationError  # noqa: E402
 from mcp_medsam.io import medical  # noqa: E402
+from mcp_medsam.locale_guard import keep_locale  # noqa: E402
 
 FORMATS = SHARED / "data" / "formats"
 CT_UID = "1.3.6.1.4.1.14519.5.2.1.5168.1900.449841255123215696894565592289"
@@ -237,7 +239,13 @@ def two_series(tmp_path_factory) -> Path:
         shutil.copy(f, folder)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    for i, f in enumerate(files[:3]):
+    with keep_locale():  # GDCM's DICOM writer leaves the process in the "C" locale
+        _write_copies(files[:3], folder, writer)
+    return folder
+
+
+def _write_copies(files: list[Path], folder: Path, writer) -> None:
+    for i, f in enumerate(files):
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(f))
         img = reader.Execute()
@@ -248,12 +256,13 @@ def two_series(tmp_path_factory) -> Path:
         img.SetMetaData("0008|103e", "a copy")  # SeriesDescription
         writer.SetFileName(str(folder / f"copy{i}.dcm"))
         writer.Execute(img)
-    return folder
 
 
 def test_two_series_in_one_folder_are_listed_and_one_can_be_picked(two_series):
+    before = locale.setlocale(locale.LC_ALL)
     with pytest.raises(InputError) as exc:
         medical.read_image(two_series)
+    assert locale.setlocale(locale.LC_ALL) == before  # GDCM does not change the caller's locale
     msg = str(exc.value)
     assert "2 DICOM series" in msg and "--series" in msg and "\n" not in msg
     assert CT_UID in msg and "1.2.826.0.1.3680043.8.498.7 (3 files, CT a copy)" in msg

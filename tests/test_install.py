@@ -80,7 +80,7 @@ def fresh(tmp_path_factory):
     command = readme_first_command().replace("INPUT_DIR", str(inputs)).replace("OUTPUT_DIR", str(outputs))
     t0 = time.perf_counter()
     proc = subprocess.run(["bash", "-c", command], cwd=src, env=_clean_env(), capture_output=True, text=True,
-                          timeout=1800)
+                          encoding="utf-8", timeout=1800)
     seconds = time.perf_counter() - t0
     assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return src, src / ".venv", inputs, outputs, seconds
@@ -125,11 +125,11 @@ def test_installed_command_runs_anywhere_without_the_checkout(fresh, tmp_path):
     elsewhere.mkdir()
     env = _clean_env()
     proc = subprocess.run([str(venv / "bin" / "mcp-medsam"), "predict", "-i", str(inputs), "-o", "out"],
-                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=elsewhere, env=env, capture_output=True, text=True, encoding="utf-8", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert all((elsewhere / "out" / n).is_file() for n in CASES)
     proc = subprocess.run([str(venv / "bin" / "python"), "-m", "mcp_medsam", "predict", "--help"], cwd=elsewhere,
-                          env=env, capture_output=True, text=True, timeout=120)
+                          env=env, capture_output=True, text=True, encoding="utf-8", timeout=120)
     assert proc.returncode == 0 and "--weights" in proc.stdout, proc.stderr
     # The README's Python example, as written, in the runtime-only install (no torch there).
     script = elsewhere / "example.py"
@@ -138,6 +138,6 @@ def test_installed_command_runs_anywhere_without_the_checkout(fresh, tmp_path):
                       "print('RESULT', labels.shape, labels.dtype, int((labels == 1).sum()), mask.shape, round(iou, 3),"
                       " labels3d.shape)\n")
     proc = subprocess.run([str(venv / "bin" / "python"), str(script)], cwd=elsewhere, env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, encoding="utf-8", timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "RESULT (300, 400) uint8" in proc.stdout, proc.stdout

@@ -66,5 +66,6 @@ def test_importing_every_runtime_module_loads_no_pytorch():
             "    try:\n        importlib.import_module(m)\n"
             "    except ImportError as e:\n        print('OPTIONAL', m, e.name)\n"
             f"print('HEAVY', sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO / "tests", capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO / "tests", capture_output=True, text=True,
+                          encoding="utf-8", timeout=300)
     assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr

@@ -145,7 +145,8 @@ def test_predict_never_imports_torch(cases, tiny_export, tmp_path):
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'mcp_medsam_torch'))\n"
         "print('HEAVY', bad)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          encoding="utf-8", timeout=600)
     assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
     assert (tmp_path / "2DBox_CT_good.npz").exists()
 

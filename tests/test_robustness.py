@@ -376,7 +376,7 @@ def test_5_a_signal_ends_the_run_cleanly(tmp_path, tiny_export, sig):
         write(inp, f"3DBox_CT_{i}.npz", imgs=vol, boxes=np.array([[5, 5, 0, 200, 200, 79], [20, 20, 5, 120, 150, 70]]))
     proc = subprocess.Popen([sys.executable, "-m", "mcp_medsam", "predict", "-i", str(inp), "-o", str(out),
                              "--weights", str(tiny_export), "--threads", "1", "--cache-dir", str(tmp_path / "c")],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8")
     deadline = time.monotonic() + 300
     while not list(out.glob("*.npz")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)  # polling for the first output, not a timing assertion
@@ -516,7 +516,8 @@ def test_minor_concurrent_runs_keep_every_timing_row(tmp_path, tiny_export):
         folders.append(inp)
     procs = [subprocess.Popen([sys.executable, "-m", "mcp_medsam", "predict", "-i", str(f), "-o", str(out),
                                "--weights", str(tiny_export), "--threads", "1"], cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for f in folders]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8")
+             for f in folders]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0 and "Traceback" not in err, err

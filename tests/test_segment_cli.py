@@ -24,6 +24,7 @@ pytest.importorskip("scipy")  # the Dice of mcp_medsam.evaluation
 
 from mcp_medsam.evaluation.metrics import dice  # noqa: E402
 from mcp_medsam.io import medical  # noqa: E402
+from mcp_medsam.locale_guard import keep_locale  # noqa: E402
 from test_formats import CASES, CT_UID, FORMATS  # noqa: E402
 
 ON_DEFAULT_WEIGHTS = ("xray-png", "endo-jpeg", "derm-bmp", "mr-nrrd")
@@ -195,7 +196,8 @@ def test_bad_inputs_fail_alone_with_one_line_and_write_nothing(tmp_path, tiny_ex
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     writer.SetFileName(str(two / "copy.dcm"))
-    writer.Execute(img)
+    with keep_locale():  # GDCM's DICOM writer leaves the process in the "C" locale
+        writer.Execute(img)
     inputs = [good, bad / "broken.png", bad / "image.xyz", bad / "4d.nii.gz", two, bad / "missing.nii.gz"]
     out = tmp_path / "out"
     proc = run_cli("segment", *map(str, inputs), "-o", str(out), "-m", "XRay", "--box", "70,62,460,406",

@@ -199,7 +199,7 @@ def test_parts_side_by_side_cover_every_case_once_and_merge_by_themselves(inputs
     procs = [subprocess.Popen([sys.executable, "-m", "mcp_medsam", "predict", "-i", str(inputs), "-o", str(out),
                                "--weights", str(tiny_export), "--threads", "1", "--num-parts", str(n),
                                "--part-id", str(i)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for i in range(n)]
+                              text=True, encoding="utf-8") for i in range(n)]
     errs = []
     for p in procs:
         _, err = p.communicate(timeout=300)
@@ -384,7 +384,7 @@ def test_the_readme_recipes_parse_and_use_real_options():
     checked = 0
     for kind, body in blocks:
         if kind == "sh":
-            assert subprocess.run(["bash", "-n"], input=body, text=True).returncode == 0, body
+            assert subprocess.run(["bash", "-n"], input=body, text=True, encoding="utf-8").returncode == 0, body
             for line in body.replace("\\\n", " ").splitlines():
                 argv = shlex.split(line, comments=True)
                 if argv and argv[0] == "mcp-medsam":
@@ -412,5 +412,5 @@ def test_the_readme_recipes_parse_and_use_real_options():
     assert checked == 4  # SLURM array, Indexed Job, dask-jobqueue, dask.sh
     # The options the recipes lean on exist on the dask command line too (distributed is the dask extra).
     help_text = subprocess.run([sys.executable, "-m", "dask", "worker", "--help"], capture_output=True,
-                               text=True).stdout
+                               text=True, encoding="utf-8").stdout
     assert "--scheduler-file" in help_text and "--nthreads" in help_text

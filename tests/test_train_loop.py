@@ -116,7 +116,7 @@ def test_ddp_two_processes_gloo_end_identical(tmp_path: Path) -> None:
            "--workers", "0", "--threads", "1", "--no-progress", "--val-fraction", "0.2",
            "--val-slices-per-case", "1", "--val-labels-per-slice", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, encoding="utf-8", timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     check = json.loads((out / "ddp_check.json").read_text())
     assert check["world_size"] == 2 and check["identical"] and len(set(check["digests"])) == 1

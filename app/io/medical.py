@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, SegmentationError
+from ..locale_guard import keep_locale
 from ..modality import accepted_token, canonical
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
@@ -140,6 +141,7 @@ def _itk_reason(exc: BaseException) -> str:
     return reason.strip()[:300]
 
 
+@keep_locale()
 def read_image(path: str | Path, *, series: str | None = None) -> MedicalImage:
     """Read an image file or a DICOM series folder; every problem is one InputError line.
 
@@ -254,6 +256,7 @@ def _series_info(sitk: Any, first_file: str) -> str:
     return " ".join(p for p in parts if p)
 
 
+@keep_locale()
 def dicom_series(folder: str | Path) -> dict[str, list[str]]:
     """SeriesInstanceUID -> its image files, ordered by slice position, for the image series in a folder
     and its subfolders (objects without image data, such as RTSTRUCT, belong to none)."""
@@ -382,6 +385,7 @@ def to_uint8(image: MedicalImage, modality: str, *, window: tuple[float, float] 
 # ---------------------------------------------------------------- label images
 
 
+@keep_locale()
 def read_labels(path: str | Path, *, threshold: float | None = None, series: str | None = None) -> MedicalImage:
     """A label image: the same file types as :func:`read_image` (an ``.npz`` holds it as ``gts`` or
     ``segs``), values 0 = background, 1.. = labels; returned as uint8, or uint16 above 255.
@@ -549,6 +553,7 @@ def label_suffix(path: str | Path) -> str:
     return s
 
 
+@keep_locale()
 def write_labels(path: str | Path, labels: np.ndarray, like: MedicalImage) -> Path:
     """Write a label image atomically, in the format its suffix names, on ``like``'s grid and geometry.
 
