@@ -380,13 +380,16 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on. Any address other than loopback (127.0.0.1, ::1, localhost) needs a token."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
     weights: Optional[Path] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
-    token: Optional[str] = typer.Option(None, "--token", envvar="MCP_MEDSAM_TOKEN", show_envvar=True, help="Every /v1 request must send 'Authorization: Bearer TOKEN' (else 401; /healthz and the page stay open). Default: none, loopback only."),
+    token: Optional[str] = typer.Option(None, "--token", envvar="MCP_MEDSAM_TOKEN", show_envvar=True, help="Every /v1 request must send 'Authorization: Bearer TOKEN' (else 401; /healthz and the page stay open); at least 16 characters. Set it in $MCP_MEDSAM_TOKEN rather than here: a command line is visible to every user in 'ps'. Default: none, loopback only."),
     max_upload_mb: float = typer.Option(512.0, "--max-upload-mb", help="Largest upload request body in MB (413 above)."),
     max_image_mb: float = typer.Option(1024.0, "--max-image-mb", help="Largest decoded image or volume in MB (uint8; 413 above)."),
     max_images: int = typer.Option(16, "--max-images", help="Images held at once (413 for one more; DELETE frees a place)."),
     max_boxes: int = typer.Option(64, "--max-boxes", help="Boxes per segment request (422 above)."),
     cache_mb: float = typer.Option(1024.0, "--cache-mb", help="Volume slice embeddings kept across requests, all volumes together, in MB (4 MB per slice with the default model)."),
     cors_origin: list[str] = typer.Option([], "--cors-origin", metavar="ORIGIN", help="Allow browser pages from this origin to call the API (repeatable). Default: no CORS headers."),
+    allowed_host: list[str] = typer.Option([], "--allowed-host", metavar="NAME", help="Without a token, answer requests for this Host name too (repeatable). Default: localhost, 127.0.0.1 and [::1] only (400 for others)."),
+    body_timeout: float = typer.Option(30.0, "--body-timeout", help="Seconds a request body may pause before the request is dropped (408)."),
+    shutdown_grace: float = typer.Option(30.0, "--shutdown-grace", help="Seconds running requests get at Ctrl-C / SIGTERM before they are answered 503."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for inference. Default: all cores."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="OpenVINO compiled-model cache. Default: $MCP_MEDSAM_CACHE or ~/.cache/mcp-medsam/openvino."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level (critical, error, warning, info, debug)."),
@@ -402,7 +405,8 @@ def serve(
 
     try:
         run(ServeConfig(host=host, port=port, token=token, max_upload_mb=max_upload_mb, max_image_mb=max_image_mb,
-                        max_images=max_images, max_boxes=max_boxes, cache_mb=cache_mb, cors_origins=tuple(cors_origin)),
+                        max_images=max_images, max_boxes=max_boxes, cache_mb=cache_mb, cors_origins=tuple(cors_origin),
+                        allowed_hosts=tuple(allowed_host), body_timeout=body_timeout, shutdown_grace=shutdown_grace),
             weights=weights, threads=threads, cache_dir=cache_dir, log_level=log_level, precision=precision)
     except SegmentationError as exc:
         typer.echo(f"error: {exc}", err=True)

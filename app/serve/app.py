@@ -28,6 +28,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from .. import __version__, prompts
 from ..errors import InputError, SegmentationError, TooLarge
@@ -35,7 +36,9 @@ from ..modality import accepted_token
 from ..segmenter import Segmenter
 from . import results, uploads
 from .config import MB, ServeConfig, ServeError
-from .store import ImageStore, Progress, StoredImage, StoreFull
+from .guards import (AccessLogFilter, BodyTimeout, HostOriginGuard, ShutdownGuard, receive_within, short_id,
+                     shorten_ids)
+from .store import ImageStore, Progress, StoreBusy, StoredImage, StoreFull
 
 STATIC = Path(__file__).resolve().parent / "static"
 UPLOAD_PATH = "/v1/images"
@@ -83,11 +86,13 @@ LABEL_CONTENT = {results.PNG: {}, results.JSON: {}, results.NPZ: {}, results.NIF
 
 class BodyLimit:
     """Caps request bodies (413): uploads at ``upload_bytes``, every other body at 1 MB. The announced
-    Content-Length is checked before anything is read, then the bytes as they arrive (chunked too)."""
+    Content-Length is checked before anything is read, then the bytes as they arrive (chunked too).
+    A body that goes ``body_timeout`` seconds without a byte is dropped (408, connection closed)."""
 
-    def __init__(self, app: Any, *, upload_bytes: int) -> None:
+    def __init__(self, app: Any, *, upload_bytes: int, body_timeout: float = 30.0) -> None:
         self.app = app
         self.upload_bytes = upload_bytes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -101,12 +106,16 @@ class BodyLimit:
         if length.isdigit() and int(length) > limit:
             await JSONResponse({"detail": message}, status_code=413)(scope, receive, send)
             return
-        seen = 0
+        seen, more = 0, True
 
         async def limited() -> dict:
-            nonlocal seen
-            msg = await receive()
+            nonlocal seen, more
+            try:  # only while the body is arriving: afterwards receive() waits for a disconnect
+                msg = await (receive_within(receive, self.body_timeout) if more else receive())
+            except BodyTimeout as exc:
+                raise HTTPException(408, str(exc), headers={"Connection": "close"}) from None
             if msg["type"] == "http.request":
+                more = bool(msg.get("more_body", False))
                 seen += len(msg.get("body", b""))
                 if seen > limit:
                     raise HTTPException(413, message)
@@ -138,13 +147,19 @@ def create_app(*, segmenter: Segmenter, config: ServeConfig) -> FastAPI:
     if config.cache_bytes < least:
         raise ServeError(f"--cache-mb must be at least {least / MB:g} (two decoder batches of slice embeddings)")
     store = ImageStore(max_images=config.max_images, cache_bytes=config.cache_bytes, temp_dir=config.temp_dir)
+    if store.removed_stale:
+        log.warning("removed %d upload folder(s) left by killed servers: %s", len(store.removed_stale),
+                    ", ".join(p.name for p in store.removed_stale))
     model = threading.Lock()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        access, shorten = logging.getLogger("uvicorn.access"), AccessLogFilter()
+        access.addFilter(shorten)
         try:
             yield
         finally:
+            access.removeFilter(shorten)
             store.close()
 
     app = FastAPI(title="mcp-medsam", version=__version__, lifespan=lifespan,
@@ -153,7 +168,7 @@ def create_app(*, segmenter: Segmenter, config: ServeConfig) -> FastAPI:
     app.state.store = store
     app.state.segmenter = segmenter
     app.state.config = config
-    app.add_middleware(BodyLimit, upload_bytes=config.max_upload_bytes)
+    app.add_middleware(BodyLimit, upload_bytes=config.max_upload_bytes, body_timeout=config.body_timeout)
     if config.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -161,6 +176,9 @@ def create_app(*, segmenter: Segmenter, config: ServeConfig) -> FastAPI:
                            allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type", "Accept"],
                            expose_headers=["Content-Disposition", "X-IoU"])
+    if config.token is None:  # the loopback default: no foreign Host (DNS rebinding), no foreign Origin
+        app.add_middleware(HostOriginGuard, allowed=(config.host, *config.allowed_hosts), cors=config.cors_origins)
+    app.add_middleware(ShutdownGuard)  # outermost
 
     bearer = HTTPBearer(auto_error=False, description="The server's --token (or $MCP_MEDSAM_TOKEN).")
 
@@ -175,6 +193,12 @@ def create_app(*, segmenter: Segmenter, config: ServeConfig) -> FastAPI:
     async def _input_error(request: Request, exc: InputError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=413 if isinstance(exc, TooLarge) else
                             getattr(exc, "status", 422))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> Response:
+        log.info("%s %s: the client disconnected before the request was complete", request.method,
+                 shorten_ids(request.url.path))
+        return Response(status_code=400)  # nobody reads it
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -265,17 +289,21 @@ def create_app(*, segmenter: Segmenter, config: ServeConfig) -> FastAPI:
     async def upload_image(request: Request) -> dict[str, Any]:
         """A 2D image is embedded at once; a volume's slices are embedded when first segmented."""
         try:
-            image_id, folder = store.reserve()
-        except StoreFull as exc:
-            raise HTTPException(413, str(exc)) from None
+            image_id, folder = store.begin_upload()
+        except StoreBusy as exc:
+            raise HTTPException(503, str(exc), headers={"Retry-After": "5"}) from None
         try:
             received = await uploads.receive_upload(request.stream(), request.headers.get("content-type"), folder)
+            try:  # a place only once the whole body is here: a stalled client holds none
+                store.reserve(image_id)
+            except StoreFull as exc:
+                raise HTTPException(413, str(exc)) from None
             image = await run_in_threadpool(load, image_id, folder, received)
         except BaseException:
             store.release(image_id)
             raise
         store.add(image)
-        log.info("image %s… %s %s", image_id[:6], image.source, "x".join(map(str, image.shape)))
+        log.info("image %s %s %s", short_id(image_id), image.source, "x".join(map(str, image.shape)))
         return image.describe()
 
     @v1.get("/images/{image_id}", response_model=ImageOut, summary="What an upload is")
@@ -361,6 +389,7 @@ def create_app(*, segmenter: Segmenter, config: ServeConfig) -> FastAPI:
             "limits": {"max_upload_mb": config.max_upload_mb, "max_image_mb": config.max_image_mb,
                        "max_images": config.max_images, "max_boxes": config.max_boxes, "cache_mb": config.cache_mb},
             "images": len(store),
+            "uploads_receiving": store.receiving(),
         }
 
     app.include_router(v1)

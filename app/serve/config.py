@@ -13,6 +13,9 @@ from ..errors import SegmentationError
 
 TOKEN_ENV = "MCP_MEDSAM_TOKEN"
 MB = 1024 * 1024
+MIN_TOKEN = 16  # characters: a guessable token is no guard
+# The Host names a token-less server answers to (DNS rebinding: a foreign name pointed at 127.0.0.1).
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
 
 class ServeError(SegmentationError):
@@ -46,7 +49,11 @@ class ServeConfig:
     segment request (422 above); cache_mb: embeddings of volume slices kept across requests, for all
     volumes together (4 MB per slice with the default model; least recently used volume dropped
     first); cors_origins: origins allowed to call from a browser (none: no CORS headers);
-    temp_dir: where the private upload folder is made (None: the system's temporary folder).
+    temp_dir: where the private upload folder is made (None: the system's temporary folder);
+    allowed_hosts: Host names answered besides the loopback ones when no token is set (a token-less
+    server refuses other Host names and foreign Origins on the API: DNS rebinding, cross-site posts);
+    body_timeout: seconds a request body may go without a byte before the request is dropped (408);
+    shutdown_grace: seconds in-flight requests get at shutdown before they are answered 503.
     """
 
     host: str = "127.0.0.1"
@@ -59,6 +66,9 @@ class ServeConfig:
     cache_mb: float = 1024.0
     cors_origins: tuple[str, ...] = ()
     temp_dir: Path | None = None
+    allowed_hosts: tuple[str, ...] = ()
+    body_timeout: float = 30.0
+    shutdown_grace: float = 30.0
 
     @property
     def max_upload_bytes(self) -> int:
@@ -80,6 +90,12 @@ class ServeConfig:
                              f"or keep the default --host 127.0.0.1")
         if self.token is not None and (not self.token.strip() or any(c.isspace() for c in self.token)):
             raise ServeError("the token must be non-empty and contain no spaces")
+        if self.token is not None and len(self.token) < MIN_TOKEN:
+            raise ServeError(f"the token has {len(self.token)} characters; use at least {MIN_TOKEN} (e.g. "
+                             f"python -c 'import secrets; print(secrets.token_urlsafe(24))')")
+        for name in ("body_timeout", "shutdown_grace"):
+            if not getattr(self, name) > 0:
+                raise ServeError(f"--{name.replace('_', '-')} must be above zero (seconds)")
         for name in ("max_upload_mb", "max_image_mb", "cache_mb"):
             if getattr(self, name) <= 0:
                 raise ServeError(f"--{name.replace('_', '-')} must be positive")

@@ -27,4 +27,17 @@ def serve(config: ServeConfig, *, weights: Path | None = None, backend: str = "o
     host = f"[{config.host}]" if ":" in config.host else config.host
     print(f"mcp-medsam serve: http://{host}:{config.port}/ ({auth}; API docs at /docs)", flush=True)
     uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, server_header=False,
-                timeout_graceful_shutdown=30)
+                timeout_graceful_shutdown=config.shutdown_grace, log_config=log_config(log_level))
+
+
+def log_config(level: str) -> dict:
+    """uvicorn's logging set-up, with the app's own log (``mcp_medsam.*``) on its handler and level."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    known = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+    config["loggers"]["mcp_medsam"] = {"handlers": ["default"], "propagate": False,
+                                       "level": level.upper() if level.upper() in known else "DEBUG"}  # trace
+    return config

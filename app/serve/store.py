@@ -10,8 +10,11 @@ Ids are 144-bit random URL-safe strings: the id is the capability; nothing lists
 
 from __future__ import annotations
 
+import contextlib
+import os
 import secrets
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -25,8 +28,68 @@ import numpy as np
 from ..segmenter import Embedding, EmbeddingCache, Segmenter
 
 
+ROOT_PREFIX = "mcp-medsam-serve-"
+# Held (flock) by the live server that owns a root; a root whose lock is free was left by a killed one.
+OWNER_LOCK = ".owner.lock"
+
+
+def _hold_owner_lock(root: Path) -> int | None:
+    """Lock ``root/OWNER_LOCK`` for this process's lifetime (the descriptor stays open; the kernel
+    drops the lock when the process dies, however it dies). None where flock does not exist."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: stale roots are not detected
+        return None
+    new = root / (OWNER_LOCK + ".new")
+    fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    os.rename(new, root / OWNER_LOCK)  # locked before anyone can see it under its name
+    return fd
+
+
+def _remove_root(root: str, owner: int | None) -> None:
+    shutil.rmtree(root, ignore_errors=True)
+    if owner is not None:
+        with contextlib.suppress(OSError):
+            os.close(owner)
+
+
+def remove_stale_roots(parent: Path) -> list[Path]:
+    """Delete the upload roots under ``parent`` that a killed server of this user left: a folder
+    ``mcp-medsam-serve-*`` owned by this user whose owner lock nobody holds. Folders without the lock
+    file (another program's, or a server still starting) and those of live servers are kept."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        return []
+    removed = []
+    for entry in sorted(parent.glob(ROOT_PREFIX + "*")):
+        try:
+            st = entry.lstat()
+            fd = os.open(entry / OWNER_LOCK, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live server holds it
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+        finally:
+            os.close(fd)
+    return removed
+
+
 class StoreFull(Exception):
     """No place for one more image (``max_images`` reached)."""
+
+
+class StoreBusy(Exception):
+    """Too many uploads being received at once (``max_receiving``)."""
 
 
 @dataclass
@@ -85,27 +148,43 @@ class ImageStore:
     (caches are only touched by model calls, which the app serialises).
     """
 
-    def __init__(self, *, max_images: int, cache_bytes: int, temp_dir: Path | None = None) -> None:
+    def __init__(self, *, max_images: int, cache_bytes: int, temp_dir: Path | None = None,
+                 max_receiving: int | None = None) -> None:
         self.max_images = max_images
+        self.max_receiving = max_receiving or 4 * max_images
         self.cache_bytes = cache_bytes
-        self.root = Path(tempfile.mkdtemp(prefix="mcp-medsam-serve-", dir=temp_dir))  # mode 0700
+        # Roots of servers of this user that were killed (SIGKILL, OOM) before they could clean up.
+        self.removed_stale = remove_stale_roots(Path(temp_dir or tempfile.gettempdir()))
+        self.root = Path(tempfile.mkdtemp(prefix=ROOT_PREFIX, dir=temp_dir))  # mode 0700
+        owner = _hold_owner_lock(self.root)
         # Also removed when the store is collected or the interpreter exits without a clean shutdown.
-        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.root), True)
+        self._cleanup = weakref.finalize(self, _remove_root, str(self.root), owner)
         self._images: dict[str, StoredImage] = {}
         self._reserved: set[str] = set()
+        self._receiving: set[str] = set()
         self._lock = threading.Lock()
 
-    def reserve(self) -> tuple[str, Path]:
-        """A new id and its empty private folder; raises StoreFull when ``max_images`` are held."""
+    def begin_upload(self) -> tuple[str, Path]:
+        """A new id and its empty private folder for an upload being received; it holds no place among
+        ``max_images`` until :meth:`reserve` (a client that stalls mid-body holds no place). Raises
+        StoreBusy when ``max_receiving`` uploads are being received already."""
+        with self._lock:
+            if len(self._receiving) >= self.max_receiving:
+                raise StoreBusy(f"{self.max_receiving} uploads are being received already; try again shortly")
+            image_id = secrets.token_urlsafe(18)
+            self._receiving.add(image_id)
+        folder = self.root / image_id
+        folder.mkdir(mode=0o700)
+        return image_id, folder
+
+    def reserve(self, image_id: str) -> None:
+        """Take a place for a received upload; raises StoreFull when ``max_images`` are held."""
         with self._lock:
             if len(self._images) + len(self._reserved) >= self.max_images:
                 raise StoreFull(f"this server holds at most {self.max_images} images (--max-images); "
                                 f"DELETE /v1/images/{{id}} one first")
-            image_id = secrets.token_urlsafe(18)
+            self._receiving.discard(image_id)
             self._reserved.add(image_id)
-        folder = self.root / image_id
-        folder.mkdir(mode=0o700)
-        return image_id, folder
 
     def add(self, image: StoredImage) -> None:
         with self._lock:
@@ -113,8 +192,9 @@ class ImageStore:
             self._images[image.id] = image
 
     def release(self, image_id: str) -> None:
-        """Give up a reserved id (a failed upload): its folder and file are deleted."""
+        """Give up an upload's id (refused, failed or cut off): its folder and file are deleted."""
         with self._lock:
+            self._receiving.discard(image_id)
             self._reserved.discard(image_id)
         shutil.rmtree(self.root / image_id, ignore_errors=True)
 
@@ -136,6 +216,11 @@ class ImageStore:
     def __len__(self) -> int:
         with self._lock:
             return len(self._images)
+
+    def receiving(self) -> int:
+        """Uploads whose body is still arriving."""
+        with self._lock:
+            return len(self._receiving)
 
     def cached_bytes(self) -> int:
         with self._lock:
@@ -166,4 +251,5 @@ class ImageStore:
         with self._lock:
             self._images.clear()
             self._reserved.clear()
+            self._receiving.clear()
         self._cleanup()

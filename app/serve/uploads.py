@@ -81,16 +81,16 @@ def download_stem(filename: str) -> str:
 
 
 def parse_window(text: str | None) -> tuple[float, float] | None:
-    """``"40,400"`` -> (40.0, 400.0): an intensity window LEVEL,WIDTH; None for none."""
+    """The form field ``window`` (``"40,400"``: LEVEL,WIDTH) -> (40.0, 400.0), None for none; checked
+    by the command line's own rule (:func:`mcp_medsam.segment.parse_window`: finite numbers, width > 0)."""
     if not text:
         return None
+    from ..segment import parse_window as command_line_rule
+
     try:
-        level, width = (float(v) for v in text.split(","))
-    except ValueError:
-        raise UploadError(f"window {text!r}: expected LEVEL,WIDTH, e.g. 40,400") from None
-    if not width > 0:
-        raise UploadError(f"window {text!r}: the width must be above zero")
-    return level, width
+        return command_line_rule(text)
+    except InputError as exc:
+        raise UploadError(str(exc).replace("--window", "the form field 'window'")) from None
 
 
 def modality_from_name(filename: str) -> str | None:
