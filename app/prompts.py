@@ -157,6 +157,90 @@ def propagated_prompt(mask: np.ndarray, new_hw: tuple[int, int], size: int, marg
     return clip_crop_box(bb + pad, h, w), grid
 
 
+POINT_INPUTS = frozenset({"point_coords", "point_labels"})  # per-box graph inputs of a model with clicks
+POINT_PAD = -1  # label of a padding point (SAM's "not a point"); 1 = foreground, 0 = background
+
+
+def check_points(points: np.ndarray, labels: np.ndarray, n_boxes: int, dims: tuple[int, ...]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Validate click prompts given by a user or a file.
+
+    points: (N, P, k) pixel indices in box-coordinate order, k = len(dims): x, y (2D) or x, y, z
+    (3D), or (P, k) for N = 1; labels: (N, P) 1 foreground / 0 background / -1 padding (ignored);
+    n_boxes: N; dims: the image size in the same order, (W, H) or (W, H, D). Returns (N, P, k)
+    int64 (padding points set to 0) and (N, P) int64. Raises InputError for NaN, non-integral or
+    out-of-image points, unknown labels or shapes that do not match the boxes.
+    """
+    pts, lab = np.asarray(points), np.asarray(labels)
+    k = len(dims)
+    for name, a in (("points", pts), ("point_labels", lab)):
+        if a.dtype == np.bool_ or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+            raise InputError(f"{name} has dtype {a.dtype}; expected numbers")
+    if pts.ndim == 2 and n_boxes == 1:
+        pts, lab = pts[None], lab.reshape(1, -1)
+    if pts.ndim != 3 or pts.shape[0] != n_boxes or pts.shape[2] != k:
+        raise InputError(f"points has shape {pts.shape}; {n_boxes} box(es) need (N={n_boxes}, P, {k}) "
+                         f"{', '.join('xyz'[:k])}")
+    if lab.shape != pts.shape[:2]:
+        raise InputError(f"point_labels has shape {lab.shape}; points {pts.shape} need {pts.shape[:2]}")
+    if not (np.isfinite(pts).all() and np.isfinite(lab).all()):
+        raise InputError("points or point_labels contain NaN or infinite values")
+    if (pts != np.rint(pts)).any() or (lab != np.rint(lab)).any():
+        raise InputError("points and point_labels must be whole numbers (pixel indices; labels 1, 0 or -1)")
+    if not np.isin(lab, (1, 0, POINT_PAD)).all():
+        raise InputError(f"point_labels holds {sorted(set(np.unique(lab).tolist()) - {1, 0, POINT_PAD})}; "
+                         f"1 = foreground, 0 = background, -1 = padding")
+    real = lab != POINT_PAD
+    outside = real & ((pts < 0) | (pts >= np.array(dims, dtype=np.float64))).any(axis=-1)
+    if outside.any():
+        n, p = np.argwhere(outside)[0]
+        at = ", ".join(f"{a}={v:g}" for a, v in zip("xyz", pts[n, p]))
+        size = "x".join(map(str, dims))
+        raise InputError(f"point {p + 1} of box {n + 1} ({at}) lies outside the image (size {size})")
+    return np.where(real[..., None], pts, 0).astype(np.int64), lab.astype(np.int64)
+
+
+def points_to_grid(points: np.ndarray, h: int, w: int, size: int) -> np.ndarray:
+    """(…, 2) x, y pixel indices of an (H, W) image -> float32 coordinates on the size-S grid.
+
+    The point lands on the centre of its pixel: ``(c + 0.5) * S / max(H, W) - 0.5`` (the graph adds
+    0.5, as for the box corners, so the positional encoding sees the pixel centre at any image size).
+    """
+    ratio = size / max(h, w)
+    return ((np.asarray(points, dtype=np.float64) + 0.5) * ratio - 0.5).astype(np.float32)
+
+
+def pad_points(points: list[np.ndarray], labels: list[np.ndarray], dim: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Per-prompt point lists of different lengths -> (B, P, dim) float32 and (B, P) int64 padded with
+    label -1 (P = the longest list, at least 1, so that every prompt has a point slot)."""
+    p = max([len(x) for x in labels] + [1])
+    pts = np.zeros((len(points), p, dim), np.float32)
+    lab = np.full((len(points), p), POINT_PAD, np.int64)
+    for i, (xy, lb) in enumerate(zip(points, labels)):
+        pts[i, : len(lb)] = np.asarray(xy, np.float32).reshape(-1, dim)
+        lab[i, : len(lb)] = lb
+    return pts, lab
+
+
+def box_with_points(crop: np.ndarray, grid: np.ndarray, fg: np.ndarray, hw: tuple[int, int], size: int,
+                    margin: int) -> tuple[np.ndarray, np.ndarray]:
+    """A prompt's crop box (4,) (original pixels) and grid box (4,) widened to take in foreground
+    clicks fg (K, 2) x, y with ``margin`` around them (a click outside the box says the object
+    reaches there); both returned unchanged when K = 0. Crop box: int64 clipped to [0, W] x [0, H];
+    grid box: float32 clipped to [0, S]."""
+    if not len(fg):
+        return crop, grid
+    h, w = hw
+    fg = np.asarray(fg, np.int64).reshape(-1, 2)
+    lo, hi = fg.min(axis=0) - margin, fg.max(axis=0) + 1 + margin
+    c = np.asarray(crop, np.int64)
+    c = clip_crop_box(np.concatenate([np.minimum(c[:2], lo), np.maximum(c[2:], hi)]), h, w)
+    gp = points_to_grid(fg, h, w, size)
+    g = np.asarray(grid, np.float32)
+    g = np.concatenate([np.minimum(g[:2], gp.min(axis=0) - margin), np.maximum(g[2:], gp.max(axis=0) + margin)])
+    return c, np.clip(g, 0, size).astype(np.float32)
+
+
 def jitter_box(grid: np.ndarray, crop: np.ndarray, shifts: np.ndarray, *, hw: tuple[int, int],
                size: int) -> tuple[np.ndarray, np.ndarray]:
     """Move each side of a prompt by ``shifts`` (4,) grid pixels, positive outward (training's box
@@ -179,12 +263,16 @@ def jitter_box(grid: np.ndarray, crop: np.ndarray, shifts: np.ndarray, *, hw: tu
 
 
 def decoder_feed(*, embeddings: np.ndarray, embedding_index: np.ndarray, boxes: np.ndarray, crops: np.ndarray,
-                 modality_index: np.ndarray, clip_features: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                 modality_index: np.ndarray, clip_features: np.ndarray | None = None,
+                 points: np.ndarray | None = None, point_labels: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The per-box graph's inputs, by the exported names, for B boxes.
 
     embeddings (K, C, E, E) float32, embedding_index (B,) int64 row of embeddings per box,
     boxes (B, 4) float32 on the grid, crops (B, 3, E, E) float32, modality_index (B,) int64 row of
-    the model's modality table, clip_features (B, 512) float32 (models with a CLIP tower only).
+    the model's modality table, clip_features (B, 512) float32 (models with a CLIP tower only),
+    points (B, P, 2) x, y on the grid (:func:`points_to_grid`) and point_labels (B, P) (1 fg, 0 bg,
+    -1 padding; :func:`pad_points`), fed as ``point_coords`` / ``point_labels`` float32, for models
+    with point prompts only (without them such a model gets one padding point per box from the engine).
     """
     feed = {"image_embeddings": np.ascontiguousarray(embeddings, dtype=np.float32),
             "embedding_index": np.asarray(embedding_index, dtype=np.int64),
@@ -193,4 +281,7 @@ def decoder_feed(*, embeddings: np.ndarray, embedding_index: np.ndarray, boxes: 
             "modality_index": np.asarray(modality_index, dtype=np.int64)}
     if clip_features is not None:
         feed["clip_image_features"] = np.ascontiguousarray(clip_features, dtype=np.float32)
+    if points is not None:
+        feed["point_coords"] = np.ascontiguousarray(points, dtype=np.float32)
+        feed["point_labels"] = np.asarray(point_labels, dtype=np.float32)
     return feed

@@ -21,12 +21,13 @@ import numpy as np
 
 from . import preprocess, prompts
 from .engine import Engine
-from .errors import InputError, UnknownModality
+from .errors import InputError, ManifestError, UnknownModality
 from .manifest import Manifest, bundled_weights, load_manifest
 from .modality import accepted_token
+from .prompts import POINT_INPUTS
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Embedding:
     """An embedded 2D image (or one slice), ready for any number of :meth:`Segmenter.decode` calls.
 
@@ -41,6 +42,10 @@ class Embedding:
     @property
     def shape(self) -> tuple[int, int]:
         return self.image.shape[0], self.image.shape[1]
+
+    def __repr__(self) -> str:  # the arrays' shapes, not their millions of numbers
+        return (f"Embedding(image={self.image.shape} {self.image.dtype}, embedding={self.embedding.shape} "
+                f"{self.embedding.dtype}, new_hw={self.new_hw})")
 
 
 class EmbeddingCache:
@@ -90,11 +95,12 @@ class Walk:
     hi: int
     step: int = 0
     prev: np.ndarray | None = None
+    home: int | None = None  # clicks: the slice the given box belongs to (z_mid) when the walk starts elsewhere
 
     def following(self, mask: np.ndarray) -> list[Walk]:
         """The walks that continue from this slice once its mask is known (none past the z range)."""
         steps = (1, -1) if self.step == 0 else (self.step,)
-        return [Walk(self.label, self.box, self.z + d, self.lo, self.hi, d, mask)
+        return [Walk(self.label, self.box, self.z + d, self.lo, self.hi, d, mask, self.home)
                 for d in steps if self.lo <= self.z + d <= self.hi]
 
 
@@ -102,7 +108,9 @@ class Segmenter:
     """An exported MCP-MedSAM model behind array calls.
 
     Images are (H, W, 3) or grey (H, W) uint8; volumes (D, H, W) uint8 (one channel per slice, as
-    the CVPR24 cases). Boxes are pixel indices, max inclusive: (N, 4) ``x0, y0, x1, y1`` for 2D,
+    the CVPR24 cases); other integer or float arrays with values in 0..255 are rounded to uint8, and a
+    float array in 0..1 with fractions (a 0..1 scaling) is refused with an InputError. Boxes are pixel
+    indices, max inclusive: (N, 4) ``x0, y0, x1, y1`` for 2D,
     (N, 6) ``x0, y0, z0, x1, y1, z1`` for 3D (x = column, y = row, z = slice); boxes partly outside
     are clipped. Labels are box indices 1..N, uint8 up to 255 boxes, else uint16. ``modality`` is
     one of :attr:`modalities` (the official tokens and aliases; case is ignored when unambiguous).
@@ -130,6 +138,9 @@ class Segmenter:
         """
         from .engine import default_cache_dir
 
+        if weights is not None and not Path(weights).is_dir():
+            raise ManifestError(f"model folder {weights}: " + ("not a folder" if Path(weights).exists() else
+                                                               "no such folder"))
         manifest = load_manifest(Path(weights) if weights is not None else bundled_weights())
         engine = Engine(manifest, backend=backend, threads=threads, precision=precision,
                         cache_dir=Path(cache_dir) if cache_dir is not None else default_cache_dir())
@@ -149,6 +160,16 @@ class Segmenter:
         """The modality strings this model accepts (rows of its modality table)."""
         return self.manifest.modality_tokens
 
+    @property
+    def supports_points(self) -> bool:
+        """Whether the model takes click prompts (its per-box graph has ``point_coords`` and ``point_labels``)."""
+        return POINT_INPUTS <= set(self.manifest.graphs["decoder"].inputs)
+
+    def _need_points(self) -> None:
+        if not self.supports_points:
+            raise InputError(f"clicks need a model with point prompts; the model in {self.manifest.folder} takes "
+                             f"box prompts only")
+
     def modality_row(self, modality: str) -> int:
         """Row of the model's modality table for a modality string; raises UnknownModality."""
         row = self.manifest.modality_row(accepted_token(modality))
@@ -165,44 +186,54 @@ class Segmenter:
         x, new_hw = preprocess.encoder_input(img, self.manifest.image_size)
         return Embedding(image=img, embedding=self.engine.encode(x[None]), new_hw=new_hw)
 
-    def decode(self, embedding: Embedding, boxes: np.ndarray, modality: str
-               ) -> tuple[np.ndarray, np.ndarray | float]:
+    def decode(self, embedding: Embedding, boxes: np.ndarray, modality: str, *, points: np.ndarray | None = None,
+               point_labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | float]:
         """Masks of boxes on an embedded image: only the per-box graph runs.
 
         boxes (4,) -> ((H, W) bool mask, float predicted IoU); (N, 4) -> ((N, H, W) bool, (N,) float32).
+        points (N, P, 2) x, y pixel indices ((P, 2) with one (4,) box) and point_labels (N, P)
+        1 foreground / 0 background / -1 padding: clicks on each box's object (models with
+        :attr:`supports_points` only).
         """
         single = np.ndim(boxes) == 1
         h, w = embedding.shape
         checked = prompts.check_boxes(np.asarray(boxes), (w, h))
         row = self.modality_row(modality)
-        logits, iou = self._decode_on(embedding, checked, row)
+        clicks = self._check_clicks(points, point_labels, len(checked), (h, w))
+        logits, iou = self._decode_on(embedding, checked, row, clicks)
         masks = np.stack([preprocess.postprocess_logits(lg, embedding.new_hw, (h, w)) for lg in logits]) \
             if len(logits) else np.zeros((0, h, w), bool)
         return (masks[0], float(iou[0])) if single else (masks, iou)
 
-    def segment_image(self, image: np.ndarray, boxes: np.ndarray, modality: str) -> np.ndarray:
-        """(H, W, 3) or (H, W) image, (N, 4) boxes -> (H, W) labels 1..N (0 = background)."""
+    def segment_image(self, image: np.ndarray, boxes: np.ndarray, modality: str, *, points: np.ndarray | None = None,
+                      point_labels: np.ndarray | None = None) -> np.ndarray:
+        """(H, W, 3) or (H, W) image, (N, 4) boxes -> (H, W) labels 1..N (0 = background).
+
+        points, point_labels: clicks per box as in :meth:`decode`."""
         img = preprocess.check_image(image, volume=False)
         h, w = img.shape[:2]
         checked = prompts.check_boxes(np.asarray(boxes), (w, h))
-        self.modality_row(modality)  # bad boxes or modality fail before the encoder runs
+        self.modality_row(modality)  # bad boxes, clicks or modality fail before the encoder runs
+        self._check_clicks(points, point_labels, len(checked), (h, w))
         if not len(checked):
             return np.zeros((h, w), dtype=prompts.label_dtype(0))
-        return self.segment_embedding(self.embed(img), checked, modality)[0]
+        return self.segment_embedding(self.embed(img), checked, modality, points=points, point_labels=point_labels)[0]
 
-    def segment_embedding(self, embedding: Embedding, boxes: np.ndarray, modality: str
+    def segment_embedding(self, embedding: Embedding, boxes: np.ndarray, modality: str, *,
+                          points: np.ndarray | None = None, point_labels: np.ndarray | None = None
                           ) -> tuple[np.ndarray, np.ndarray]:
         """(N, 4) boxes on an embedded image -> ((H, W) labels 1..N, (N,) float32 predicted IoU).
 
         What :meth:`segment_image` gives for the same image and boxes, without running the encoder
-        again (interactive use: embed once, then label any number of box sets)."""
+        again (interactive use: embed once, then label any number of box and click sets)."""
         h, w = embedding.shape
         checked = prompts.check_boxes(np.asarray(boxes), (w, h))
         row = self.modality_row(modality)
+        clicks = self._check_clicks(points, point_labels, len(checked), (h, w))
         segs = np.zeros((h, w), dtype=prompts.label_dtype(len(checked)))
         if not len(checked):
             return segs, np.zeros(0, np.float32)
-        logits, iou = self._decode_on(embedding, checked, row)
+        logits, iou = self._decode_on(embedding, checked, row, clicks)
         for label, lg in enumerate(logits, start=1):
             mask = preprocess.postprocess_logits(lg, embedding.new_hw, (h, w))
             np.maximum(segs, label, out=segs, where=mask)
@@ -230,30 +261,94 @@ class Segmenter:
         d, h, w = vol.shape
         checked = prompts.check_boxes(np.asarray(boxes), (w, h, d))
         row = self.modality_row(modality)
-        segs = np.zeros((d, h, w), dtype=prompts.label_dtype(len(checked)))
-        if not len(checked):
+        mids = (checked[:, 2] + checked[:, 5]) // 2 if starts is None else np.asarray(starts, np.int64).reshape(-1)
+        if len(mids) != len(checked) or ((mids < checked[:, 2]) | (mids > checked[:, 5])).any():
+            raise InputError(f"starts {mids.tolist()} must give one slice per box, each within its z range")
+        walks = [Walk(label, b[[0, 1, 3, 4]], int(z), int(b[2]), int(b[5]))
+                 for label, (b, z) in enumerate(zip(checked, mids), start=1)]
+        return self._propagate(vol, walks, row, cache, progress)
+
+    def refine_volume(self, volume: np.ndarray, boxes: np.ndarray, modality: str, *, points: np.ndarray,
+                      point_labels: np.ndarray, prev: np.ndarray | None = None, cache: EmbeddingCache | None = None,
+                      progress: Callable[[int, int], None] | None = None, starts: np.ndarray | None = None
+                      ) -> np.ndarray:
+        """(D, H, W) volume, (N, 6) boxes and clicks -> (D, H, W) labels 1..N (models with
+        :attr:`supports_points` only).
+
+        points (N, P, 3) x, y, z voxel indices and point_labels (N, P) 1 fg / 0 bg / -1 padding:
+        each box's clicks in the order they were made (the last real point is the newest).
+
+        The 3D rule: a box without clicks is propagated as :meth:`segment_volume` does. A box with
+        clicks is re-propagated from the slice of its newest click, up and down to the ends of its
+        z range (widened to take in every foreground click); every slice's prompt carries the clicks
+        made on that slice, so earlier clicks keep acting on their slices, and the box's own slice
+        (``starts``, default the middle) keeps the given box. The newest click's slice is prompted
+        with the box of the previous result there (+3 px, as propagation; the given box where that
+        is empty) widened to take in the slice's foreground clicks, like every propagated prompt.
+
+        prev: (D, H, W) labels 1..N of the previous result (a CVPR 2025 ``prev_pred``); None: the
+        result without each box's newest click, computed here (one more pass per click).
+        """
+        vol = preprocess.check_image(volume, volume=True)
+        d, h, w = vol.shape
+        checked = prompts.check_boxes(np.asarray(boxes), (w, h, d))
+        row = self.modality_row(modality)
+        clicks = self._check_clicks(points, point_labels, len(checked), (w, h, d))
+        mids = (checked[:, 2] + checked[:, 5]) // 2 if starts is None else np.asarray(starts, np.int64).reshape(-1)
+        if len(mids) != len(checked) or ((mids < checked[:, 2]) | (mids > checked[:, 5])).any():
+            raise InputError(f"starts {mids.tolist()} must give one slice per box, each within its z range")
+        if prev is not None:
+            prev = np.asarray(prev)
+            if prev.shape != vol.shape or prev.dtype.kind not in "iu":
+                raise InputError(f"prev has shape {prev.shape} and dtype {prev.dtype}; expected integer labels "
+                                 f"shaped like the volume {vol.shape}")
+        elif clicks is not None and any(len(lab) for _, lab in clicks):
+            older = prompts.pad_points([pts[:-1] for pts, _ in clicks], [lab[:-1] for _, lab in clicks], dim=3)
+            prev = self.refine_volume(vol, checked, modality, points=older[0].astype(np.int64), point_labels=older[1],
+                                      cache=cache, starts=mids)
+        walks = []
+        for label, (b, z, (pts, lab)) in enumerate(zip(checked, mids, clicks or []), start=1):
+            lo, hi = int(b[2]), int(b[5])
+            if not len(lab):
+                walks.append(Walk(label, b[[0, 1, 3, 4]], int(z), lo, hi))
+                continue
+            fg_z = pts[lab == 1, 2].tolist()
+            lo, hi = min([lo, *fg_z]), max([hi, *fg_z])
+            newest = min(max(int(pts[-1, 2]), lo), hi)  # a background click beyond the range: start at its end
+            walks.append(Walk(label, b[[0, 1, 3, 4]], newest, lo, hi, 0, prev[newest] == label, int(z)))
+        return self._propagate(vol, walks, row, cache, progress, clicks)
+
+    def _propagate(self, vol: np.ndarray, pending: list[Walk], row: int, cache: EmbeddingCache | None,
+                   progress: Callable[[int, int], None] | None,
+                   clicks: list[tuple[np.ndarray, np.ndarray]] | None = None) -> np.ndarray:
+        """Labels (D, H, W) of walks advanced together (:meth:`segment_volume`, :meth:`refine_volume`);
+        clicks: per walk (by label) its (P, 3) x, y, z points and (P,) labels, acting on their slices."""
+        d, h, w = vol.shape
+        segs = np.zeros((d, h, w), dtype=prompts.label_dtype(len(pending)))
+        if not pending:
             return segs
         m = self.manifest
         s, margin = m.image_size, m.propagation_margin
         new_hw = preprocess.resized_shape(h, w, s)
         if cache is None:
             cache = self.slice_cache(self.cache_slices)
-        mids = (checked[:, 2] + checked[:, 5]) // 2 if starts is None else np.asarray(starts, np.int64).reshape(-1)
-        if len(mids) != len(checked) or ((mids < checked[:, 2]) | (mids > checked[:, 5])).any():
-            raise InputError(f"starts {mids.tolist()} must give one slice per box, each within its z range")
-        pending = [Walk(label, b[[0, 1, 3, 4]], int(z), int(b[2]), int(b[5]))
-                   for label, (b, z) in enumerate(zip(checked, mids), start=1)]
-        done, total = 0, int((checked[:, 5] - checked[:, 2] + 1).sum())  # box-slices to decode
+        done, total = 0, sum(wk.hi - wk.lo + 1 for wk in pending)  # box-slices to decode
         while pending:
             batch, pending = pending[: self.max_batch], pending[self.max_batch:]
             zs = [wk.z for wk in batch]
             self._ensure_encoded(vol, zs, cache, new_hw)
-            crop_boxes, grid = [], []
+            crop_boxes, grid, on_slice = [], [], []
             for wk in batch:
-                if wk.prev is not None and wk.prev.any():
+                if wk.prev is not None and wk.prev.any() and wk.z != wk.home:
                     cb, g = prompts.propagated_prompt(wk.prev, new_hw, s, margin)
                 else:
                     cb, g = wk.box, prompts.box_to_grid(wk.box, h, w, s)
+                if clicks is not None:
+                    pts, lab = clicks[wk.label - 1]
+                    here = pts[:, 2] == wk.z
+                    xy, kinds = pts[here, :2], lab[here]
+                    cb, g = prompts.box_with_points(cb, g, xy[kinds == 1], (h, w), s, margin)
+                    on_slice.append((prompts.points_to_grid(xy, h, w, s), kinds))
                 crop_boxes.append(cb)
                 grid.append(g)
             # Crops come from each walk's own slice (grey: repeated to 3 channels after cropping).
@@ -261,7 +356,8 @@ class Segmenter:
             crops = np.concatenate([c for c, _ in pieces])
             feats = None if pieces[0][1] is None else np.concatenate([f for _, f in pieces])
             index = np.array([cache.slot(z) for z in zs], np.int64)
-            logits, _ = self._decode_logits(cache.array, index, np.stack(grid), crops, feats, row)
+            grid_points = prompts.pad_points(*zip(*on_slice)) if on_slice else None
+            logits, _ = self._decode_logits(cache.array, index, np.stack(grid), crops, feats, row, grid_points)
             for wk, lg in zip(batch, logits):
                 mask = preprocess.postprocess_logits(lg, new_hw, (h, w))
                 np.maximum(segs[wk.z], wk.label, out=segs[wk.z], where=mask)
@@ -289,16 +385,43 @@ class Segmenter:
             feats = self.engine.clip(prompts.content_crops(img, crop_boxes, m.clip_crop_size))
         return crops, feats
 
-    def _decode_on(self, emb: Embedding, boxes: np.ndarray, row: int) -> tuple[np.ndarray, np.ndarray]:
-        """Logits (B, S, S) and IoU (B,) for (B, 4) checked boxes on one embedded image."""
+    def _check_clicks(self, points: np.ndarray | None, labels: np.ndarray | None, n_boxes: int,
+                      dims: tuple[int, ...]) -> list[tuple[np.ndarray, np.ndarray]] | None:
+        """Per box its real clicks ((P, k) int64 points, (P,) labels) in the order given; None without
+        points. dims: (H, W) for 2D (as ``Embedding.shape``) or (W, H, D) for 3D."""
+        if points is None and labels is None:
+            return None
+        if points is None or labels is None:
+            raise InputError("points and point_labels go together (point_labels: 1 foreground, 0 background)")
+        self._need_points()
+        if len(dims) == 2:
+            dims = (dims[1], dims[0])
+        pts, lab = prompts.check_points(points, labels, n_boxes, dims)
+        return [(p[lb != prompts.POINT_PAD], lb[lb != prompts.POINT_PAD]) for p, lb in zip(pts, lab)]
+
+    def _decode_on(self, emb: Embedding, boxes: np.ndarray, row: int,
+                   clicks: list[tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (B, S, S) and IoU (B,) for (B, 4) checked boxes (and their clicks) on one embedded image."""
         h, w = emb.shape
-        grid = np.stack([prompts.box_to_grid(b, h, w, self.manifest.image_size) for b in boxes])
-        crops, feats = self._content(emb.image, boxes)
-        return self._decode_logits(emb.embedding, np.zeros(len(boxes), np.int64), grid, crops, feats, row)
+        s, margin = self.manifest.image_size, self.manifest.propagation_margin
+        grid = np.stack([prompts.box_to_grid(b, h, w, s) for b in boxes]) if len(boxes) else np.zeros((0, 4))
+        crop_boxes, points = boxes, None
+        if clicks is not None:
+            crop_boxes = boxes.copy()
+            for i, (pts, lab) in enumerate(clicks):
+                crop_boxes[i], grid[i] = prompts.box_with_points(boxes[i], grid[i], pts[lab == 1], (h, w), s, margin)
+            points = prompts.pad_points([prompts.points_to_grid(p, h, w, s) for p, _ in clicks],
+                                        [lab for _, lab in clicks])
+        crops, feats = self._content(emb.image, crop_boxes)
+        return self._decode_logits(emb.embedding, np.zeros(len(boxes), np.int64), grid, crops, feats, row, points)
 
     def _decode_logits(self, embeddings: np.ndarray, index: np.ndarray, grid_boxes: np.ndarray, crops: np.ndarray,
-                       feats: np.ndarray | None, row: int) -> tuple[np.ndarray, np.ndarray]:
-        """Low-res logits (B, S, S) and IoU (B,) for B boxes, in calls of at most max_batch boxes."""
+                       feats: np.ndarray | None, row: int, points: tuple[np.ndarray, np.ndarray] | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """Low-res logits (B, S, S) and IoU (B,) for B boxes, in calls of at most max_batch boxes.
+
+        points: ((B, P, 2) float32 grid points, (B, P) int64 labels) or None (a model with point
+        inputs then gets one padding point per box from the engine: its box-only outputs)."""
         logits, ious = [], []
         n = self.max_batch
         for i in range(0, len(grid_boxes), n):
@@ -306,7 +429,9 @@ class Segmenter:
             lg, iou, _ = self.engine.decode(prompts.decoder_feed(
                 embeddings=embeddings, embedding_index=index[sl], boxes=grid_boxes[sl], crops=crops[sl],
                 modality_index=np.full(len(grid_boxes[sl]), row, np.int64),
-                clip_features=None if feats is None else feats[sl]))
+                clip_features=None if feats is None else feats[sl],
+                points=None if points is None else points[0][sl],
+                point_labels=None if points is None else points[1][sl]))
             logits.append(lg)
             ious.append(iou)
         s = self.manifest.image_size
