@@ -540,6 +540,12 @@ class Engine:
         """feed: :func:`mcp_medsam.prompts.decoder_feed` for B boxes -> logits (B, S, S), iou (B,),
         category logits (B, 11)."""
         ins, _ = self._names["decoder"]
+        if "point_coords" in ins and "point_coords" not in feed:
+            # A box-only feed for a graph that takes clicks: one padding point per box, which the graph
+            # masks out: the box-only outputs (manifest "prompts", README "Click prompts in the model").
+            b = len(feed["boxes"])
+            feed = {**feed, "point_coords": np.zeros((b, 1, 2), np.float32),
+                    "point_labels": np.full((b, 1), -1.0, np.float32)}
         missing = [k for k in ins if k not in feed]
         if missing:
             raise EngineError(f"the decoder graph needs {', '.join(missing)} (a model with a CLIP tower needs "

@@ -96,12 +96,15 @@ def _builds(model: MCPMedSAM, tokens_table: torch.Tensor, clip_tower: nn.Module 
     dec_in: tuple[torch.Tensor, ...] = (
         torch.randn(1, c, e, e) * 0.1, torch.zeros(1, dtype=torch.long),
         torch.tensor([[s * 0.1, s * 0.2, s * 0.6, s * 0.7]]), torch.rand(1, 3, e, e), torch.zeros(1, dtype=torch.long),
+        # One click and one padding point: the graph takes any P >= 1 (dynamic axis "P").
+        torch.tensor([[[s * 0.3, s * 0.4], [0.0, 0.0]]]), torch.tensor([[1.0, -1.0]]),
     )
     if clip_tower is not None:
         dec_in = dec_in + (torch.randn(1, cfg.clip_dim),)
     dyn = {"image_embeddings": {0: "E"}, **{n: {0: "B"} for n in
            ("embedding_index", "boxes", "crops", "modality_index", "clip_image_features",
-            "low_res_logits", "iou", "category_logits")}}
+            "low_res_logits", "iou", "category_logits")},
+           "point_coords": {0: "B", 1: "P"}, "point_labels": {0: "B", 1: "P"}}
     builds.append(GraphBuild("decoder", DecoderGraph(model, modality_tokens=tokens_table,
                                                      with_clip=clip_tower is not None).eval(), dec_in, dyn))
     if clip_tower is not None:
@@ -261,7 +264,10 @@ def _manifest(cfg: ExportConfig, mc: ModelConfig, *, source: dict[str, Any], cli
             "crop": "img[y0:y1, x0:x1] of the original uint8 image, /255, antialiased bilinear to crop_size",
             "mask": "logits cropped to the resized size, bilinear (half-pixel) to (H, W), > 0",
             "propagation_margin": PROPAGATION_MARGIN,
+            "point_to_grid": "(c + 0.5) * image_size / max(H, W) - 0.5 (x, y pixel indices; the graph adds 0.5)",
         },
+        # What the per-box graph takes besides the box (README "Click prompts in the model").
+        "prompts": {"points": True, "mask": False},
         "modalities": {"tokens": tokens, "category_index": dict(ACCEPTED), "categories": list(CATEGORIES)},
         "graphs": graphs,
         **extra,

@@ -11,6 +11,7 @@ graph is judged on its own). Each (graph, precision) is held to the bar in :data
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,12 +97,14 @@ class _Reference:
     """The PyTorch modules behind the graphs, called with a graph's feed (inputs by manifest name)."""
 
     def __init__(self, manifest: Manifest, modules: Mapping[str, nn.Module]) -> None:
-        self.inputs = {g: list(spec.inputs) for g, spec in manifest.graphs.items()}
+        # By the modules' own argument names (the graph inputs' names): a folded graph reads fewer
+        # inputs than the PyTorch module it was exported from (the feed carries them all).
+        self.inputs = {g: [k for k in inspect.signature(m.forward).parameters] for g, m in modules.items()}
         self.modules = modules
 
     @torch.no_grad()
     def __call__(self, graph: str, feed: dict[str, np.ndarray]) -> np.ndarray:
-        out = self.modules[graph](*[torch.from_numpy(feed[k]) for k in self.inputs[graph]])
+        out = self.modules[graph](**{k: torch.from_numpy(feed[k]) for k in self.inputs[graph] if k in feed})
         first = out[0] if isinstance(out, tuple) else out
         return first[:, 0].numpy() if graph == "decoder" else first.numpy()  # decoder: (B, 1, S, S) logits
 
@@ -112,6 +115,26 @@ def _call(engine: Engine, graph: str, feed: dict[str, np.ndarray]) -> np.ndarray
     if graph == "clip_image":
         return engine.clip(feed["crops_clip"])
     return engine.decode(feed)[0]
+
+
+def with_points(feed: dict[str, np.ndarray], manifest: Manifest, rng: np.random.Generator,
+                clicks: bool) -> dict[str, np.ndarray]:
+    """The feed with the point inputs of a decoder that takes them (else unchanged): one padding point
+    per box (the box-only prompt), or (``clicks``) a foreground click at the box centre, a background
+    click at a random place and a padding point, so that both paths are judged."""
+    if "point_coords" not in manifest.graphs["decoder"].inputs:
+        return feed
+    boxes = feed["boxes"]
+    b = len(boxes)
+    if not clicks:
+        coords, labels = np.zeros((b, 1, 2), np.float32), np.full((b, 1), -1.0, np.float32)
+    else:
+        centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+        other = rng.uniform(0, manifest.image_size - 1, (b, 2))
+        coords = np.stack([centre, other, np.zeros_like(centre)], axis=1).astype(np.float32)
+        labels = np.tile(np.array([[1.0, 0.0, -1.0]], np.float32), (b, 1))
+    return {**{k: v for k, v in feed.items() if k not in ("points", "point_labels")},
+            "point_coords": coords, "point_labels": labels}
 
 
 def feeds(manifest: Manifest, ref: _Reference, *, verify_data: Path | None, cases: int,
@@ -133,21 +156,24 @@ def feeds(manifest: Manifest, ref: _Reference, *, verify_data: Path | None, case
             cc = prompts.content_crops(sb.image, sb.boxes, m.clip_crop_size)
             out["clip_image"].append((sb.tag, {"crops_clip": cc}))
             feats = ref("clip_image", {"crops_clip": cc})
-        out["decoder"].append((sb.tag, prompts.decoder_feed(
+        feed = prompts.decoder_feed(
             embeddings=emb, embedding_index=np.zeros(len(sb.boxes), np.int64),
             boxes=np.stack([prompts.box_to_grid(b, h, w, s) for b in sb.boxes]),
             crops=prompts.content_crops(sb.image, sb.boxes, m.crop_size),
             modality_index=np.full(len(sb.boxes), table_row(m.modality_tokens, sb.token), np.int64),
-            clip_features=feats)))
+            clip_features=feats)
+        out["decoder"].append((sb.tag, with_points(feed, m, rng, clicks=False)))
+        if "point_coords" in m.graphs["decoder"].inputs:
+            out["decoder"].append((f"{sb.tag} +clicks", with_points(feed, m, rng, clicks=True)))
     k = 3
     clip_spec = m.graphs["decoder"].inputs.get("clip_image_features")
     clip_features = None if clip_spec is None else rng.normal(0, 1, (k, int(clip_spec.shape[1]))).astype(np.float32)
     out["image_encoder"].append((RANDOM, {"image": rng.random((2, 3, s, s), dtype=np.float32)}))
-    out["decoder"].append((RANDOM, prompts.decoder_feed(
+    out["decoder"].append((RANDOM, with_points(prompts.decoder_feed(
         embeddings=rng.normal(0, 0.1, (2, c, e, e)).astype(np.float32), embedding_index=np.array([0, 1, 1]),
         boxes=np.array([[10, 20, 120, 150], [0, 0, 255, 255], [100, 90, 110, 100]], np.float32) * s / 256,
         crops=rng.random((k, 3, e, e), dtype=np.float32), modality_index=rng.integers(0, len(m.modality_tokens), k),
-        clip_features=clip_features)))
+        clip_features=clip_features), m, rng, clicks=True)))
     if m.has_clip:
         out["clip_image"].append((RANDOM, {"crops_clip": rng.random((2, 3, m.clip_crop_size, m.clip_crop_size),
                                                                     dtype=np.float32)}))

@@ -18,7 +18,8 @@ from .model import MCPMedSAM
 GRAPH_IO: dict[str, dict[str, tuple[str, ...]]] = {
     "image_encoder": {"inputs": ("image",), "outputs": ("image_embeddings",)},
     "decoder": {
-        "inputs": ("image_embeddings", "embedding_index", "boxes", "crops", "modality_index", "clip_image_features"),
+        "inputs": ("image_embeddings", "embedding_index", "boxes", "crops", "modality_index", "point_coords",
+                   "point_labels", "clip_image_features"),
         "outputs": ("low_res_logits", "iou", "category_logits"),
     },
     "clip_image": {"inputs": ("crops_clip",), "outputs": ("clip_image_features",)},
@@ -42,7 +43,10 @@ class DecoderGraph(nn.Module):
     Inputs: image_embeddings (E, 256, 64, 64) float32; embedding_index (B,) int64 into E;
     boxes (B, 4) float32 on the 256 grid; crops (B, 3, 64, 64) float32 in [0, 1];
     modality_index (B,) int64 into the modality token table (one row per accepted modality
-    string, baked in); clip_image_features (B, 512) float32 (only when ``with_clip``).
+    string, baked in); point_coords (B, P, 2) float32 x, y clicks on the 256 grid and point_labels
+    (B, P) float32 (1 foreground, 0 background, -1 padding: P >= 1, a box-only prompt passes one
+    padding point and gets the box-only outputs); clip_image_features (B, 512) float32 (only when
+    ``with_clip``).
     Outputs: low_res_logits (B, 1, 256, 256), iou (B, 1), category_logits (B, 11) float32.
     """
 
@@ -58,19 +62,23 @@ class DecoderGraph(nn.Module):
         self.register_buffer("constant_content", model.prompt_encoder.content_token(torch.zeros(1, clip_dim)).detach())
 
     def forward(self, image_embeddings: torch.Tensor, embedding_index: torch.Tensor, boxes: torch.Tensor,
-                crops: torch.Tensor, modality_index: torch.Tensor,
+                crops: torch.Tensor, modality_index: torch.Tensor, point_coords: torch.Tensor,
+                point_labels: torch.Tensor,
                 clip_image_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pe = self.prompt_encoder
         if self.with_clip:
             content = pe.content_token(clip_image_features)
         else:
             content = self.constant_content.expand(boxes.shape[0], -1)
+        points, point_bias = pe.point_tokens(point_coords, point_labels)
         sparse = torch.cat(
-            [pe.box_tokens(boxes), content.unsqueeze(1), self.modality_tokens[modality_index].unsqueeze(1)], dim=1
+            [pe.box_tokens(boxes), content.unsqueeze(1), self.modality_tokens[modality_index].unsqueeze(1), points],
+            dim=1,
         )
+        bias = torch.cat([torch.zeros_like(point_bias[:, :1]).expand(-1, 4), point_bias], dim=1)
         dense = pe.crop_nets(crops)
         out = self.mask_decoder(image_embeddings=image_embeddings[embedding_index], image_pe=self.dense_pe,
-                                sparse=sparse, dense=dense)
+                                sparse=sparse, dense=dense, sparse_bias=bias)
         return out.masks, out.iou, out.category
 
 

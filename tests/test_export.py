@@ -15,7 +15,11 @@ def test_manifest_describes_the_folder(tiny_export):
     assert m["format_version"] == 1 and m["variant"] == "tiny" and m["precision"] == "fp32"
     assert set(m["graphs"]) == {"image_encoder", "decoder"}  # no CLIP tower
     dec = m["graphs"]["decoder"]
-    assert list(dec["inputs"]) == ["image_embeddings", "embedding_index", "boxes", "crops", "modality_index"]
+    assert list(dec["inputs"]) == ["image_embeddings", "embedding_index", "boxes", "crops", "modality_index",
+                                   "point_coords", "point_labels"]
+    assert dec["inputs"]["point_coords"] == {"shape": ["B", "P", 2], "dtype": "float32"}
+    assert dec["inputs"]["point_labels"] == {"shape": ["B", "P"], "dtype": "float32"}
+    assert m["prompts"] == {"points": True, "mask": False}
     assert dec["inputs"]["image_embeddings"]["shape"] == ["E", 32, 16, 16]
     assert dec["inputs"]["crops"]["shape"] == ["B", 3, 16, 16]
     assert list(dec["outputs"]) == ["low_res_logits", "iou", "category_logits"]

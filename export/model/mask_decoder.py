@@ -55,14 +55,19 @@ class SamMaskDecoder(nn.Module):
         self.iou_prediction_head = MLP(c, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth)
 
     def run_transformer(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
-                        dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> tokens hs (B, 1 + 4 + N, C) and image features (B, C, 64, 64)."""
+                        dense: torch.Tensor, sparse_bias: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> tokens hs (B, 1 + 4 + N, C) and image features (B, C, 64, 64). sparse_bias (B, N) float32:
+        the attention key bias of each sparse token (0, or ``transformer.MASKED`` for padded points)."""
         b = sparse.shape[0]
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([out_tokens.unsqueeze(0).expand(b, -1, -1), sparse], dim=1)
+        bias = None
+        if sparse_bias is not None:
+            bias = torch.cat([sparse_bias.new_zeros(b, out_tokens.shape[0]), sparse_bias], dim=1)
         src = image_embeddings + dense
         _, c, h, w = src.shape
-        hs, keys = self.transformer(src, image_pe.expand(b, -1, -1, -1), tokens)
+        hs, keys = self.transformer(src, image_pe.expand(b, -1, -1, -1), tokens, bias)
         return hs, keys.transpose(1, 2).reshape(b, c, h, w)
 
     def mask_head(self, hs: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,11 +115,15 @@ class MaskDecoderF4(SamMaskDecoder):
         return self.c_conv(self.conv1(torch.cat([modality, content], dim=1)))
 
     def forward(self, *, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
-                dense: torch.Tensor) -> DecoderOutput:
-        """As :meth:`SamMaskDecoder.forward`, with sparse (B, 4, C) [corner, corner, content, modality]
-        and dense the crop CNN's embedding."""
-        hs, image = self.run_transformer(image_embeddings, image_pe, sparse, dense)
-        content_out, modality_out = hs[:, -2], hs[:, -1]
+                dense: torch.Tensor, sparse_bias: torch.Tensor | None = None) -> DecoderOutput:
+        """As :meth:`SamMaskDecoder.forward`, with sparse (B, 4 + P, C) [corner, corner, content, modality,
+        point tokens...], dense the crop CNN's embedding and sparse_bias (B, 4 + P) the attention key bias
+        of the sparse tokens (None: none masked)."""
+        hs, image = self.run_transformer(image_embeddings, image_pe, sparse, dense, sparse_bias)
+        # Output tokens (iou + mask tokens), then corner, corner, content, modality: fixed places, so
+        # that point tokens appended after them leave the box-only wiring as it was.
+        first = 1 + self.num_mask_tokens + 2
+        content_out, modality_out = hs[:, first], hs[:, first + 1]
         masks, iou = self.mask_head(hs, self.fuse(image, dense, content_out, modality_out))
         m = self.w_lin(modality_out) + self.b_lin(modality_out) + modality_out
         return DecoderOutput(masks, iou, self.category_prediction_head(m), sparse[:, 2], dense.mean(dim=(2, 3)))

@@ -9,6 +9,7 @@ from torch import nn
 
 from .common import LayerNorm2d, TwoLayerMLP
 from .crop_net import CropNet
+from .transformer import MASKED
 
 
 class PositionEmbeddingRandom(nn.Module):
@@ -49,7 +50,8 @@ class BoxPromptEncoder(nn.Module):
         self.image_embedding_size = image_embedding_size
         self.input_image_size = input_image_size
         self.pe_layer = PositionEmbeddingRandom(embed_dim // 2)
-        # SAM's point embeddings 0 and 1 and not_a_point_embed exist only for checkpoint compatibility.
+        # SAM's four: 0 background point, 1 foreground point, 2 and 3 the box corners; not_a_point_embed
+        # for padded points (:meth:`point_tokens`).
         self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(4))
         self.not_a_point_embed = nn.Embedding(1, embed_dim)
         if with_mask_downscaling:
@@ -76,6 +78,25 @@ class BoxPromptEncoder(nn.Module):
             [emb[:, 0] + self.point_embeddings[2].weight[0], emb[:, 1] + self.point_embeddings[3].weight[0]], dim=1
         )
 
+    def point_tokens(self, coords: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM's point prompt: positional encoding of the pixel centre plus a learned embedding per label.
+
+        coords (B, P, 2) float32 x, y on the image-size grid (pixel index units: the encoder adds 0.5 for
+        the pixel centre, as :meth:`box_tokens`); labels (B, P) float32 or int: 1 foreground, 0
+        background, -1 padding. Returns tokens (B, P, C) and their attention key bias (B, P) float32:
+        0 for a point, ``transformer.MASKED`` for padding, whose token (``not_a_point_embed``, zero
+        positional encoding, as SAM) then takes no part in the decoder.
+        """
+        labels = labels.to(coords.dtype).unsqueeze(-1)
+        pad = labels < -0.5
+        fg = labels > 0.5
+        emb = self.pe_layer((coords + 0.5) / self.input_image_size)
+        emb = torch.where(pad, torch.zeros_like(emb), emb)
+        label_emb = torch.where(fg, self.point_embeddings[1].weight[0], self.point_embeddings[0].weight[0])
+        emb = emb + torch.where(pad, self.not_a_point_embed.weight[0], label_emb)
+        bias = torch.where(pad[..., 0], torch.full_like(coords[..., 0], MASKED), torch.zeros_like(coords[..., 0]))
+        return emb, bias
+
     def no_mask_dense(self, batch: int) -> torch.Tensor:
         """(B, C, 64, 64) dense embedding of "no mask prompt"."""
         s = self.image_embedding_size
@@ -85,7 +106,8 @@ class BoxPromptEncoder(nn.Module):
 class PromptEncoder(BoxPromptEncoder):
     """Encodes one box per prompt into 4 sparse tokens and a dense embedding (MCP-MedSAM).
 
-    Token order (as the official model): box corner 1, box corner 2, content token, modality token.
+    Token order (as the official model): box corner 1, box corner 2, content token, modality token;
+    point tokens (:meth:`point_tokens`), when given, follow these four.
     The content token comes from frozen CLIP image features of the box crop, the modality token
     from frozen CLIP text features of "<Modality> Image" and a learnable per-modality embedding,
     and the dense embedding from the 64x64 crop through :class:`CropNet` (``no_mask_embed`` is
@@ -113,7 +135,8 @@ class PromptEncoder(BoxPromptEncoder):
 
     def forward(self, *, boxes: torch.Tensor, crops: torch.Tensor, clip_image_features: torch.Tensor,
                 text_features: torch.Tensor, category_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns sparse (B, 4, C) and dense (B, C, 64, 64) float32 embeddings.
+        """Returns sparse (B, 4, C) and dense (B, C, 64, 64) float32 embeddings of the box prompt
+        (points: :meth:`point_tokens`, appended by the caller).
 
         boxes (B, 4) on the 256 grid; crops (B, 3, 64, 64) in [0, 1]; clip_image_features and
         text_features (B, 512); category_idx (B,) int64.

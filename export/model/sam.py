@@ -68,14 +68,22 @@ class MCPMedSAM(_SamLayout):
     mask_decoder: MaskDecoderF4
 
     def decode(self, *, image_embeddings: torch.Tensor, boxes: torch.Tensor, crops: torch.Tensor,
-               clip_image_features: torch.Tensor, text_features: torch.Tensor,
-               category_idx: torch.Tensor) -> DecoderOutput:
+               clip_image_features: torch.Tensor, text_features: torch.Tensor, category_idx: torch.Tensor,
+               point_coords: torch.Tensor | None = None, point_labels: torch.Tensor | None = None) -> DecoderOutput:
         """image_embeddings (B, 256, 64, 64), one per prompt; boxes (B, 4) on the 256 grid;
-        crops (B, 3, 64, 64) in [0, 1]; clip_image_features, text_features (B, 512); category_idx (B,)."""
+        crops (B, 3, 64, 64) in [0, 1]; clip_image_features, text_features (B, 512); category_idx (B,).
+        Optional clicks: point_coords (B, P, 2) float32 x, y on the 256 grid and point_labels (B, P)
+        (1 foreground, 0 background, -1 padding; :meth:`PromptEncoder.point_tokens`). Without points, or
+        with padding only, the outputs are the box-only ones."""
         sparse, dense = self.prompt_encoder(boxes=boxes, crops=crops, clip_image_features=clip_image_features,
                                             text_features=text_features, category_idx=category_idx)
+        bias = None
+        if point_coords is not None:
+            tokens, point_bias = self.prompt_encoder.point_tokens(point_coords, point_labels)
+            sparse = torch.cat([sparse, tokens.to(sparse.dtype)], dim=1)
+            bias = torch.cat([point_bias.new_zeros(point_bias.shape[0], 4), point_bias], dim=1)
         return self.mask_decoder(image_embeddings=image_embeddings, image_pe=self.prompt_encoder.get_dense_pe(),
-                                 sparse=sparse, dense=dense)
+                                 sparse=sparse, dense=dense, sparse_bias=bias)
 
     def forward(self, *, images: torch.Tensor, boxes: torch.Tensor, crops: torch.Tensor,
                 clip_image_features: torch.Tensor, text_features: torch.Tensor,

@@ -8,11 +8,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+# Attention-logit bias of a masked key: exp(-1e4) is exactly 0 in float32 and bfloat16, and -1e4 stays
+# finite (no inf - inf) in every backend, so a masked token changes no other token's output.
+MASKED = -1.0e4
+
 
 class Attention(nn.Module):
     """Multi-head attention with an optional internal down-projection of the embedding.
 
-    q: (B, Nq, C), k and v: (B, Nk, C) float32 -> (B, Nq, C).
+    q: (B, Nq, C), k and v: (B, Nk, C) float32 -> (B, Nq, C). ``key_bias`` (B, Nk) float32, added to
+    the attention logits of every query and head (0 or :data:`MASKED`: padded point tokens take no part).
     """
 
     def __init__(self, embedding_dim: int, num_heads: int, *, downsample_rate: int = 1) -> None:
@@ -28,11 +33,14 @@ class Attention(nn.Module):
         b, n, c = x.shape
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                key_bias: torch.Tensor | None = None) -> torch.Tensor:
         q = self._split(self.q_proj(q))
         k = self._split(self.k_proj(k))
         v = self._split(self.v_proj(v))
         attn = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        if key_bias is not None:
+            attn = attn + key_bias[:, None, None, :].to(attn.dtype)
         out = attn.softmax(dim=-1) @ v
         b, h, n, d = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
@@ -67,12 +75,13 @@ class TwoWayAttentionBlock(nn.Module):
         self.skip_first_layer_pe = skip_first_layer_pe
 
     def forward(self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor,
-                key_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                key_pe: torch.Tensor, token_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """token_bias (B, N) float32: attention bias of each token as a key (see :class:`Attention`)."""
         if self.skip_first_layer_pe:
-            queries = self.self_attn(queries, queries, queries)
+            queries = self.self_attn(queries, queries, queries, token_bias)
         else:
             q = queries + query_pe
-            queries = queries + self.self_attn(q, q, queries)
+            queries = queries + self.self_attn(q, q, queries, token_bias)
         queries = self.norm1(queries)
 
         q = queries + query_pe
@@ -83,13 +92,13 @@ class TwoWayAttentionBlock(nn.Module):
 
         q = queries + query_pe
         k = keys + key_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
+        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries, token_bias))
         return queries, keys
 
 
 class TwoWayTransformer(nn.Module):
-    """(B, C, H, W) image, (B, C, H, W) positional encoding, (B, N, C) tokens ->
-    ((B, N, C) tokens, (B, H*W, C) image) float32."""
+    """(B, C, H, W) image, (B, C, H, W) positional encoding, (B, N, C) tokens and optionally their (B, N)
+    key bias (0 or :data:`MASKED`) -> ((B, N, C) tokens, (B, H*W, C) image) float32."""
 
     def __init__(self, *, depth: int, embedding_dim: int, num_heads: int, mlp_dim: int) -> None:
         super().__init__()
@@ -100,13 +109,13 @@ class TwoWayTransformer(nn.Module):
         self.final_attn_token_to_image = Attention(embedding_dim, num_heads, downsample_rate=2)
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
-    def forward(self, image: torch.Tensor, image_pe: torch.Tensor,
-                tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, image: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor,
+                token_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         image = image.flatten(2).permute(0, 2, 1)
         image_pe = image_pe.flatten(2).permute(0, 2, 1)
         queries, keys = tokens, image
         for layer in self.layers:
-            queries, keys = layer(queries, keys, tokens, image_pe)
+            queries, keys = layer(queries, keys, tokens, image_pe, token_bias)
         q = queries + tokens
         k = keys + image_pe
         queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys))
