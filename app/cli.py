@@ -4,15 +4,139 @@ that ``predict`` never loads torch and every command starts fast)."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from contextlib import contextmanager
 from typing import Iterator, NoReturn, Optional
 
 import typer
+from typer.core import TyperGroup
 
-cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+try:  # typer >= 0.2x carries its own copy of click
+    from typer._click import exceptions as _click_errors
+except ImportError:  # pragma: no cover - older typer runs on click itself
+    from click import exceptions as _click_errors
+
+# The PyTorch side's packages (the export extra); a command that needs them says how to install them.
+_EXPORT_EXTRA = ("torch", "onnx", "transformers", "safetensors", "nncf")
+INSTALL_TORCH = ("pip install torch --index-url https://download.pytorch.org/whl/cpu && "
+                 "pip install 'mcp-medsam[export]'")
+# Help shows a word for the value an option takes, not a Python type.
+_METAVARS = {"path": "PATH", "text": "TEXT", "integer": "N", "integer range": "N", "float": "NUMBER",
+             "float range": "NUMBER"}
+
+
+def _metavar(param) -> str:
+    desc = getattr(param, "type_descriptor", None)  # typer's record of the annotation
+    if desc is None:  # pragma: no cover - older typer: click's type name
+        kind = param.type.name
+    elif desc.is_path:
+        kind = "path"
+    else:
+        annotation = desc.annotation
+        while getattr(annotation, "__args__", None) and getattr(annotation, "__origin__", None) is list:
+            annotation = annotation.__args__[0]
+        kind = {int: "integer", float: "float", str: "text"}.get(annotation, getattr(annotation, "__name__", "value"))
+    return _METAVARS.get(kind, str(kind).upper())
+
+
+def _plain_metavars(command) -> None:
+    """Value placeholders as words (PATH, N, TEXT) for every option of every command, and none after an
+    argument's name: typer would show Python types (``<list[Path]>``). Each command's first paragraph is
+    its line in the command list."""
+    for param in getattr(command, "params", []):
+        if getattr(param, "param_type_name", "") == "argument":
+            param.display_type_rich = lambda ctx: None
+            param.metavar = param.metavar or param.name.upper()
+        elif param.metavar is None and not getattr(param, "is_flag", False):
+            param.metavar = _metavar(param)
+    if command.help and not command.short_help:  # the first sentence whole, wrapped, never cut with "..."
+        command.short_help = command.help.strip().split("\n\n")[0]
+    for sub in getattr(command, "commands", {}).values():
+        _plain_metavars(sub)
+
+
+class _Commands(TyperGroup):
+    """The command group, with the project's error style: a bad command line is one ``error:`` line
+    (exit status 2), Ctrl-C one ``error:`` line (exit status 130), never a box or a traceback."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        _plain_metavars(self)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _click_errors.NoArgsIsHelpError as exc:
+            exc.show()
+            code = exc.exit_code
+        except _click_errors.UsageError as exc:
+            where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            typer.echo(f"error: {_usage_message(exc)}{where}", err=True)
+            code = exc.exit_code
+        except _click_errors.ClickException as exc:
+            typer.echo(f"error: {exc.format_message()}", err=True)
+            code = exc.exit_code
+        except _click_errors.Abort:
+            typer.echo("error: aborted", err=True)
+            code = 1
+        code = 0 if code is None else code
+        if not standalone_mode:
+            return code
+        sys.exit(code)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            typer.echo("error: interrupted (Ctrl-C)", err=True)
+            raise typer.Exit(130) from None
+
+
+def _usage_message(exc) -> str:
+    """click's message, with a hint where a flag was given a value (``--skip-existing true``)."""
+    text = exc.format_message()
+    m = re.search(r"unexpected extra argument\S* \((\S+?)\)", text, flags=re.IGNORECASE)
+    if m and m.group(1).lower() in ("true", "false", "yes", "no", "1", "0"):
+        text += "; an on/off option takes no value: give --NAME for on, --no-NAME for off"
+    return text
+
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_Commands,
+                  rich_markup_mode=None,
                   help="MCP-MedSAM: box-prompted medical segmentation on the CPU (CVPR24 NPZ cases).")
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"mcp-medsam {__version__}")
+        raise typer.Exit(0)
+
+
+@cli.callback()
+def _main(version: bool = typer.Option(False, "--version", is_eager=True, callback=_show_version,
+                                       help="Print the version and exit.")) -> None:
+    """MCP-MedSAM: box-prompted medical segmentation on the CPU (CVPR24 NPZ cases)."""
+
+
+def _torch_side(module: str, command: str, ctx: Optional[typer.Context] = None):
+    """A module of the PyTorch side (``mcp_medsam_torch``), imported only by the commands that need it.
+    Without the export extra: one ``error:`` line naming it (exit status 1); with ``ctx`` and --help
+    among its arguments, the command's own help and that line as a note (exit status 0)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").split(".")[0]
+        if missing not in _EXPORT_EXTRA:
+            raise
+    hint = f"mcp-medsam {command} needs the PyTorch side ({missing} is not installed): {INSTALL_TORCH}"
+    if ctx is not None and any(a in ("--help", "-h") for a in ctx.args):
+        typer.echo(ctx.get_help())
+        typer.echo(f"\nnote: its options are listed here once the PyTorch side is installed; {hint}")
+        raise typer.Exit(0)
+    _fail(RuntimeError(hint))
 
 WEIGHTS_HELP = ("Exported model folder (manifest.json). Default: $MCP_MEDSAM_WEIGHTS, else the weights installed "
                 "with mcp-medsam.")
@@ -64,15 +188,16 @@ def predict(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for inference. Default: all cores."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="OpenVINO compiled-model cache. Default: $MCP_MEDSAM_CACHE or ~/.cache/mcp-medsam/openvino."),
     max_image_mb: float = typer.Option(2048.0, "--max-image-mb", help="Largest decompressed 'imgs' a case may have, in MiB (checked from its header; larger cases fail)."),
-    num_parts: int = typer.Option(1, "--num-parts", min=1, help="Split the sorted case list into N parts (job arrays: one task per part). Default: 1, the whole folder."),
+    num_parts: int = typer.Option(1, "--num-parts", min=1, help="Split the sorted case list into N parts (job arrays: one task per part); 1: the whole folder."),
     part_id: Optional[str] = typer.Option(None, "--part-id", help="The part to run, 0..N-1: every N-th case from the I-th; rows to timing.part-I-of-N.csv, merged into the timing CSV when the last part finishes. 'auto': $SLURM_ARRAY_TASK_ID (less $SLURM_ARRAY_TASK_MIN), else $JOB_COMPLETION_INDEX. Default: none (needs --num-parts 1)."),
-    skip_existing: bool = typer.Option(False, "--skip-existing", help="Resume: keep an output that reads back whole with the case's shape (row status 'skipped'); redo a truncated, unreadable or wrong one. Default: every case is run."),
+    skip_existing: bool = typer.Option(False, "--skip-existing/--no-skip-existing", help="Resume: keep an output that reads back whole with the case's shape (row status 'skipped'); redo a truncated, unreadable or wrong one."),
     dask: Optional[str] = typer.Option(None, "--dask", help="Run the cases as Dask tasks: local:N (N single-threaded worker processes here) or a scheduler address tcp://HOST:8786 (or a scheduler file .json); folders on a file system the workers share. Needs the dask extra. Default: this process."),
     precision: Optional[str] = typer.Option(None, "--precision", callback=_precision, help=PRECISION_HELP),
 ) -> None:
-    """Segment every case of a folder. Exit status 0 when every case succeeded or was kept, 1 otherwise (also for
-    a problem with the folders or the model, before any case runs), 2 for a bad command line; 143/130 when
-    ended by SIGTERM/SIGINT."""
+    """Segment every case of a folder of NPZ cases.
+
+    Exit status 0 when every case succeeded or was kept, 1 otherwise (also for a problem with the folders
+    or the model, before any case runs), 2 for a bad command line; 143/130 when ended by SIGTERM/SIGINT."""
     from .batch import predict as run
     from .batch import summary
     from .engine import set_default_precision
@@ -104,8 +229,10 @@ def timing_merge(
     num_parts: Optional[int] = typer.Option(None, "--num-parts", min=1, help="Which split to merge when part files of several N lie there. Default: the only one."),
     inputs: Optional[Path] = typer.Option(None, "--input", "-i", help="The input folder: also check that every case has a row (exit 1 when some have none). Default: no check."),
 ) -> None:
-    """Merge the parts' timing.part-I-of-N.csv files into the one timing.csv (a part's run does it by itself
-    when it is the last to finish). Exit status 1 when a part has written no file yet, or with --input when
+    """Merge the parts' timing files into the one timing.csv.
+
+    The parts' timing.part-I-of-N.csv files are merged (a part's run does it by itself when it is the
+    last to finish). Exit status 1 when a part has written no file yet, or with --input when
     cases have no row."""
     from .batch import merge_timing_files
 
@@ -120,13 +247,13 @@ def timing_merge(
 
 @cli.command()
 def segment(
-    inputs: list[Path] = typer.Argument(..., help="Images: .nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd, .dcm, a DICOM series folder, .png/.jpg/.jpeg/.bmp/.tif/.tiff, or a CVPR24 .npz case."),
-    output: Path = typer.Option(..., "--output", "-o", help="Result file (format from its extension: .nii.gz, .nii, .nrrd, .mha, .png, .tif, .bmp, .npz) for one INPUT, else a folder: one result per input, named like it."),
+    inputs: list[Path] = typer.Argument(..., metavar="INPUT", help="Images: .nii/.nii.gz, .nrrd, .mha, .dcm, .png/.jpg/.jpeg/.bmp/.tif/.tiff, a CVPR24 .npz case, a DICOM series folder, or a folder of image files (a batch; files named *_label/_mask/_seg/_gt left out)."),
+    output: str = typer.Option(..., "--output", "-o", metavar="PATH", help="Result file (format from its extension: .nii.gz, .nii, .nrrd, .mha, .png, .tif, .bmp, .npz) for one INPUT, else a folder (an existing one, or a path ending in /): one result per input, named like it. Other extensions are refused."),
     modality: str = typer.Option(..., "--modality", "-m", help="CT, MR, PET, XRay, US, Mammography, Endoscopy, Fundus, Dermoscopy, Microscopy, OCT (and aliases; case ignored)."),
     box: Optional[list[str]] = typer.Option(None, "--box", help="A box in voxel indices, inclusive: x0,y0,x1,y1 (2D) or x0,y0,z0,x1,y1,z1 (3D); x = column, y = row, z = slice. Repeatable; labels 1..N in order."),
     boxes: Optional[Path] = typer.Option(None, "--boxes", help='JSON file whose key "boxes" holds a list of boxes, each 4 or 6 numbers as --box takes them (or maps input file names to such lists; schema in README); labels 1..N.'),
     boxes_from: Optional[Path] = typer.Option(None, "--boxes-from", help="Label image on the same grid (several INPUTs: a folder of them named like the inputs): one tight box per label value; the output keeps those values."),
-    min_size: int = typer.Option(10, "--min-size", help="--boxes-from: labels of fewer pixels/voxels get no box (the challenge's rule). Default: 10."),
+    min_size: int = typer.Option(10, "--min-size", help="--boxes-from: labels of fewer pixels/voxels get no box (the challenge's rule)."),
     mask_threshold: Optional[float] = typer.Option(None, "--mask-threshold", help="--boxes-from: binarise the label image, values above T are label 1 (e.g. 127 for a soft 0..255 mask). Default: labels as they are; JPEG: 127."),
     window: Optional[str] = typer.Option(None, "--window", help="LEVEL,WIDTH: clip native values to LEVEL +- WIDTH/2, then 0..255. Default: CT volumes 40,400 (HU); other volumes 0.5..99.5 percentiles of voxels > 0; 8-bit 2D as is; 16-bit/float 2D and grey microscopy: 0.5..99.5 percentiles."),
     series: Optional[str] = typer.Option(None, "--series", help="SeriesInstanceUID to read from a DICOM folder holding several series. Default: the folder's only series."),
@@ -136,13 +263,14 @@ def segment(
     max_batch: int = typer.Option(8, "--max-batch", min=1, help="Boxes per decoder call."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for inference. Default: all cores."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="OpenVINO compiled-model cache. Default: $MCP_MEDSAM_CACHE or ~/.cache/mcp-medsam/openvino."),
-    num_parts: int = typer.Option(1, "--num-parts", min=1, help="Split the INPUTs, sorted by path, into N parts (job arrays). Default: 1, every INPUT."),
+    num_parts: int = typer.Option(1, "--num-parts", min=1, help="Split the INPUTs, sorted by path, into N parts (job arrays); 1: every INPUT."),
     part_id: Optional[str] = typer.Option(None, "--part-id", help="The part to run, 0..N-1 (every N-th INPUT from the I-th), or 'auto': $SLURM_ARRAY_TASK_ID (less $SLURM_ARRAY_TASK_MIN), else $JOB_COMPLETION_INDEX. Default: none (needs --num-parts 1)."),
-    skip_existing: bool = typer.Option(False, "--skip-existing", help="Resume: keep an output that reads back as labels on the input's grid; redo a truncated or unreadable one. Default: every INPUT is run."),
+    skip_existing: bool = typer.Option(False, "--skip-existing/--no-skip-existing", help="Resume: keep an output that reads back as labels on the input's grid; redo a truncated or unreadable one."),
     precision: Optional[str] = typer.Option(None, "--precision", callback=_precision, help=PRECISION_HELP),
 ) -> None:
-    """Segment medical images in their own formats; results in the input's format and geometry.
+    """Segment medical images in their own formats.
 
+    Results in the input's format and geometry.
     Intensities as the CVPR24 challenge converted them (see --window). Exit status 0 when every
     input succeeded, 1 when one failed (one 'error:' line each; the others still run), 2 for a
     bad command line. NIfTI, NRRD, MetaImage and DICOM need the io extra (SimpleITK)."""
@@ -196,9 +324,13 @@ def export(
     description: Optional[str] = typer.Option(None, "--description", help="manifest.json description. Default: derived from the checkpoint."),
     provenance: Optional[Path] = typer.Option(None, "--provenance", help="JSON file (an object) stored as manifest.json 'provenance': how the weights were made. Default: none."),
     variants: Optional[list[str]] = typer.Option(None, "--variants", help="Also measure and write faster precisions (repeatable: bf16, int8) as 'mcp-medsam variants' does, on --verify-data (its first 10 cases of the modality spread calibrate, the others judge). Default: none."),
+    fold: bool = typer.Option(True, "--fold/--no-fold", help="Fold what provably does not depend on the inputs (a crop CNN whose last conv is zero) into constants of the per-box graph's IR; needs --no-onnx. Default: fold."),
 ) -> None:
-    """Export a checkpoint to ONNX + OpenVINO IR with manifest.json, and verify it against PyTorch."""
-    from mcp_medsam_torch.exporter import ExportConfig, ExportError, export_model
+    """Export a checkpoint to OpenVINO IR and verify it.
+
+    Writes ONNX + OpenVINO IR with manifest.json and compares the graphs against PyTorch (export extra)."""
+    exporter = _torch_side("mcp_medsam_torch.exporter", "export")
+    ExportConfig, ExportError, export_model = exporter.ExportConfig, exporter.ExportError, exporter.export_model
 
     _log_to_stdout("mcp_medsam_torch")
     try:
@@ -216,7 +348,7 @@ def variants(
     folder: Optional[Path] = typer.Argument(None, help="Exported model folder (manifest.json) to add the variants to. Default: $MCP_MEDSAM_WEIGHTS, else the weights installed with mcp-medsam."),
     data: Path = typer.Option(..., "--data", "-d", help="Folder of real *.npz cases: the first --calibration-cases of the modality spread calibrate INT8, the others are held out to judge the variants."),
     gts: Optional[Path] = typer.Option(None, "--gts", help="Ground truth of --data for the DSC bar. Default: DATA/../gts when it exists."),
-    precision: list[str] = typer.Option(["bf16", "int8"], "--precision", help="Variants to build (repeatable): bf16 (measured only where OpenVINO reports bf16 support), int8. Default: both."),
+    precision: list[str] = typer.Option(["bf16", "int8"], "--precision", help="Variants to build (repeatable): bf16 (measured only where OpenVINO reports bf16 support), int8."),
     calibration_cases: int = typer.Option(10, "--calibration-cases", min=1, help="Cases of --data that calibrate (never judge)."),
     study_slices: int = typer.Option(4, "--study-slices", min=1, help="Held-out slices of the sensitivity study (each group alone at each precision; given and propagation-style boxes)."),
     chain_slices: int = typer.Option(7, "--chain-slices", min=2, help="Slices of each 3D calibration case's propagation chain in the sensitivity study."),
@@ -225,13 +357,17 @@ def variants(
     work: Optional[Path] = typer.Option(None, "--work", help="Folder that keeps the FP32 reference masks between runs. Default: none (computed each run)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads. Default: all cores."),
     write: bool = typer.Option(True, "--write/--no-write", help="Write the variants that hold the bars into the folder (new files; the FP32 files stay byte-identical)."),
-    keep_unvalidated: bool = typer.Option(False, "--keep-unvalidated", help="Where no mix holds the bars, write the closest one anyway, marked unvalidated: auto never runs it, --precision bf16/int8 does. Default: not written."),
+    keep_unvalidated: bool = typer.Option(False, "--keep-unvalidated/--no-keep-unvalidated", help="Where no mix holds the bars, write the closest one anyway, marked unvalidated: auto never runs it, --precision bf16/int8 does."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the study, every mix tried and its figures as JSON."),
 ) -> None:
-    """Measure which layer groups lose masks in bf16 / INT8, find the fastest mix that holds the agreement
+    """Build bf16 / INT8 variants that keep FP32's masks.
+
+    Measure which layer groups lose masks in bf16 / INT8, find the fastest mix that holds the agreement
     bars against FP32 (2D boxes >= 0.98, 3D box-slices >= 0.97, sample-set DSC within 0.3 points), and write
     it into the model folder's manifest, where --precision auto finds it (export extra: NNCF)."""
-    from mcp_medsam_torch.precision import VariantConfig, build_variants, format_report
+    variant_side = _torch_side("mcp_medsam_torch.precision", "variants")
+    VariantConfig, build_variants, format_report = (variant_side.VariantConfig, variant_side.build_variants,
+                                                    variant_side.format_report)
 
     from .errors import SegmentationError
 
@@ -256,8 +392,9 @@ def evaluate(
     tolerance: float = typer.Option(2.0, "--tolerance", min=0.0, help="NSD tolerance in mm (challenge: 2)."),
     nsd_dsc_gate: bool = typer.Option(True, "--nsd-dsc-gate/--no-nsd-dsc-gate", help="Count NSD as 0 where the case DSC <= 0.2 (challenge rule)."),
 ) -> None:
-    """Score segmentations with the challenge's DSC and NSD, per case, per modality and overall.
+    """Score segmentations with the challenge's DSC and NSD.
 
+    Per case, per modality and overall.
     Overall = mean of the modality means (as the paper reports). Exit status 1 when a prediction
     is missing or broken."""
     try:
@@ -285,8 +422,9 @@ def bench(
     precision: Optional[list[str]] = typer.Option(None, "--precision", callback=_precision, help="Precisions to compare (repeatable; fp32 always runs). Default: fp32 and every variant of the model folder this CPU runs."),
     gts: Optional[Path] = typer.Option(None, "--gts", help="Ground truth for the DSC column. Default: INPUT/../gts when it exists, else no DSC."),
 ) -> None:
-    """Seconds per case and precision, warm and cold, against the CPU's arithmetic floor (a benchmark, not a test).
+    """Seconds per case and precision, warm and cold.
 
+    Against the CPU's arithmetic floor (a benchmark, not a test).
     Prints per case and precision (fp32 and the folder's bf16 / INT8 variants, interleaved): FLOPs of the
     graph calls made, floor seconds (FLOPs / measured fp32 matmul throughput), warm and cold seconds and
     their floor ratios, the speed-up over fp32, the agreement of the labels with fp32's, the DSC, the peak
@@ -313,7 +451,9 @@ def bench_throughput(
     weights: Optional[Path] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
 ) -> None:
-    """Cases per minute for one process (1 thread, all cores), P one-thread parts side by side and
+    """Cases per minute: one process, parts, Dask workers.
+
+    Cases per minute for one process (1 thread, all cores), P one-thread parts side by side and
     --dask local:W, one after another on the same cases (a benchmark, not a test; wall time includes
     model loads and cluster start-up)."""
     from .errors import SegmentationError
@@ -343,7 +483,9 @@ def warmup(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="OpenVINO compiled-model cache to fill. Default: $MCP_MEDSAM_CACHE or ~/.cache/mcp-medsam/openvino."),
     precision: Optional[str] = typer.Option(None, "--precision", callback=_precision, help="The precision to compile, as a run would choose it. " + PRECISION_HELP),
 ) -> None:
-    """Compile the graphs once into the cache, so that later runs load instead of compiling."""
+    """Compile the graphs once into the cache.
+
+    Later runs load the compiled graphs instead of compiling."""
     from .engine import warm_cache
     from .errors import SegmentationError
 
@@ -358,8 +500,9 @@ def warmup(
 def verify_weights(
     folder: Optional[Path] = typer.Argument(None, help="Exported model folder (manifest.json). Default: $MCP_MEDSAM_WEIGHTS, else the weights installed with mcp-medsam."),
 ) -> None:
-    """Hash every file manifest.json records and compare sizes and sha256 (one line per file).
+    """Check the model files against manifest.json.
 
+    Hash every file manifest.json records and compare sizes and sha256 (one line per file).
     Exit status 0 when every file matches, 1 otherwise. Every model load checks the same, but hashes only the files whose size or modification time changed since they were last hashed."""
     from .engine import verify_weights as check
     from .errors import SegmentationError
@@ -395,8 +538,9 @@ def serve(
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level (critical, error, warning, info, debug)."),
     precision: Optional[str] = typer.Option(None, "--precision", callback=_precision, help=PRECISION_HELP),
 ) -> None:
-    """HTTP service with a web page at /: upload an image or volume once, segment boxes on it (extra 'serve').
+    """HTTP service and web page for boxes on uploads.
 
+    Upload an image or volume once, segment boxes on it (web page at /; extra 'serve').
     API: POST /v1/images, POST /v1/images/{id}/segment, GET /v1/images/{id}/slices/{z}, GET /v1/info, ...;
     OpenAPI at /docs. Ctrl-C stops it and deletes every upload."""
     from .errors import SegmentationError
@@ -423,7 +567,9 @@ def serve_bench(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="The server's inference threads. Default: all cores."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
 ) -> None:
-    """Load check of 'serve' on loopback (a benchmark, not a test): requests/s, p50/p95 of a box decode
+    """Load check of 'serve' on loopback.
+
+    A benchmark, not a test: requests/s, p50/p95 of a box decode
     and of an upload+embed, idle and under load, errors (exit 1 unless 0), the server's peak RSS."""
     from .errors import SegmentationError
     from .serve.loadcheck import format_report, run_load_check
@@ -442,9 +588,11 @@ _PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_
 
 @cli.command(context_settings=_PASSTHROUGH, add_help_option=False)
 def train(ctx: typer.Context) -> None:
-    """Train MCP-MedSAM with the paper's recipe (options: mcp-medsam train --help; export extra).
+    """Train MCP-MedSAM with the paper's recipe.
 
+    Options: mcp-medsam train --help (export extra).
     Multi-GPU or multi-node: torchrun --nproc_per_node N -m mcp_medsam_torch.train train ..."""
+    _torch_side("mcp_medsam_torch.train.loop", "train", ctx)
     from mcp_medsam_torch.train.__main__ import main as train_main
 
     raise typer.Exit(train_main(["train", *ctx.args], prog="mcp-medsam"))
@@ -452,7 +600,10 @@ def train(ctx: typer.Context) -> None:
 
 @cli.command(context_settings=_PASSTHROUGH, add_help_option=False)
 def distill(ctx: typer.Context) -> None:
-    """Distil the warm start from LiteMedSAM, then fine-tune: the default model's recipe (see --help)."""
+    """Distil the warm start from LiteMedSAM, then fine-tune.
+
+    The default model's recipe. Options: mcp-medsam distill --help (export extra)."""
+    _torch_side("mcp_medsam_torch.train.distill", "distill", ctx)
     from mcp_medsam_torch.train.__main__ import main as train_main
 
     raise typer.Exit(train_main(["distill", *ctx.args], prog="mcp-medsam"))

@@ -24,6 +24,11 @@ ACCEPTED: dict[str, int] = {
 }
 
 
+# Names users say for a modality that are no file-name token of the official pipeline: each maps to the
+# token whose CLIP text the model was trained with (an alias keeps no text of its own).
+ALIASES: dict[str, str] = {"MRI": "MR", "Ultrasound": "US"}
+
+
 def modality_token(name: str) -> str:
     """The modality token of a case file name: the token after ``2DBox_``/``3DBox_``.
 
@@ -38,16 +43,21 @@ def modality_token(name: str) -> str:
 
 def accepted_token(modality: str) -> str:
     """The accepted token a user's modality string names: exact (``X-Ray`` and ``XRay`` are both
-    tokens, with their own CLIP texts), else the one token equal to it ignoring case (``ct`` -> ``CT``).
+    tokens, with their own CLIP texts), else the one token equal to it ignoring case (``ct`` -> ``CT``),
+    else the token of an alias of :data:`ALIASES`, case ignored (``MRI`` -> ``MR``).
 
-    Raises UnknownModality listing the accepted tokens.
+    Raises UnknownModality listing the accepted tokens and aliases.
     """
     if modality in ACCEPTED:
         return modality
     folded = [t for t in ACCEPTED if t.casefold() == str(modality).casefold()]
     if len(folded) == 1:
         return folded[0]
-    raise UnknownModality(f"unknown modality {modality!r}; accepted: {', '.join(ACCEPTED)}")
+    aliased = [t for a, t in ALIASES.items() if a.casefold() == str(modality).casefold()]
+    if aliased:
+        return aliased[0]
+    raise UnknownModality(f"unknown modality {modality!r}; accepted: {', '.join(ACCEPTED)} "
+                          f"(also {', '.join(ALIASES)})")
 
 
 def category_index(token: str) -> int:

@@ -19,8 +19,9 @@ from .errors import InputError
 def check_image(a: np.ndarray, *, volume: bool, name: str = "image") -> np.ndarray:
     """A user's image as the model takes it: (H, W, 3) uint8 for 2D (grey (H, W) or (H, W, 1) is
     repeated to 3 channels), (D, H, W) uint8 for a volume. Numbers in 0..255 of another dtype are
-    converted (floats rounded); anything else raises InputError saying what is wrong (``name``: how
-    the message calls the array, e.g. ``imgs`` for an NPZ member)."""
+    converted (floats rounded; floats in 0..1 with fractions are refused as a 0..1 scaling); anything
+    else raises InputError saying what is wrong (``name``: how the message calls the array, e.g.
+    ``imgs`` for an NPZ member)."""
     a = np.asarray(a)
     if volume:
         if a.ndim != 3:
@@ -42,6 +43,10 @@ def check_image(a: np.ndarray, *, volume: bool, name: str = "image") -> np.ndarr
         lo, hi = a.min(), a.max()
         if lo < 0 or hi > 255:
             raise InputError(f"{name} values span {lo}..{hi}; expected 0..255")
+        if np.issubdtype(a.dtype, np.floating) and hi <= 1 and not np.array_equal(a, np.rint(a)):
+            # rounding 0..1 to 0/1 would segment a black image without a word
+            raise InputError(f"{name} is {a.dtype} with values in {lo:g}..{hi:g}, scaled to 0..1 it seems; the model "
+                             f"takes 0..255 (uint8): pass (image * 255).round().astype(np.uint8)")
         a = np.rint(a).astype(np.uint8) if np.issubdtype(a.dtype, np.floating) else a.astype(np.uint8)
     return np.ascontiguousarray(a)
 
