@@ -11,7 +11,8 @@ from .io.atomic import atomic_file
 from .io.npz import Case
 
 
-def _colour(label: int) -> tuple[int, int, int]:
+def label_colour(label: int) -> tuple[int, int, int]:
+    """The BGR colour of a label in overlays (and the service's colour label PNGs)."""
     # Golden-angle hues: neighbouring labels get clearly different colours.
     hue = int((label * 137.508) % 180)
     bgr = cv2.cvtColor(np.array([[[hue, 200, 255]]], np.uint8), cv2.COLOR_HSV2BGR)[0, 0]
@@ -36,11 +37,11 @@ def render(case: Case, segs: np.ndarray, *, alpha: float = 0.45) -> np.ndarray:
         if label == 0:
             continue
         m = seg == label
-        out[m] = (1 - alpha) * out[m] + alpha * np.array(_colour(int(label)), np.float32)
+        out[m] = (1 - alpha) * out[m] + alpha * np.array(label_colour(int(label)), np.float32)
     out = out.astype(np.uint8)
     thick = max(1, round(max(img.shape[:2]) / 400))
     for label, b in rects:
-        cv2.rectangle(out, (int(b[0]), int(b[1])), (int(b[2]), int(b[3])), _colour(int(label)), thick)
+        cv2.rectangle(out, (int(b[0]), int(b[1])), (int(b[2]), int(b[3])), label_colour(int(label)), thick)
     return out
 
 

@@ -138,6 +138,17 @@ def test_2d_segment_equals_segment_image_in_every_format(api, seg, png_image):
     r = api.get(f"/v1/images/{png_image}/labels", headers={"Accept": "image/png"})
     assert 'filename="CHNCXR-0001-0_image_labels.png"' in r.headers["content-disposition"]
     np.testing.assert_array_equal(decode_png(r.content), ref)
+    # A picture to look at: each label in its overlay colour (RGB), the background black.
+    from mcp_medsam.overlay import label_colour
+
+    r = api.get(f"/v1/images/{png_image}/labels?colour=true")
+    assert 'filename="CHNCXR-0001-0_image_labels_colour.png"' in r.headers["content-disposition"]
+    rgb = decode_png(r.content)[:, :, ::-1]
+    assert (rgb[ref == 0] == 0).all()
+    for label in (1, 2):
+        assert (rgb[ref == label] == label_colour(label)[::-1]).all() and max(label_colour(label)) == 255
+    r = api.get(f"/v1/images/{png_image}/labels?colour=true", headers={"Accept": "application/json"})
+    assert r.status_code == 406 and "colour=true gives a PNG" in r.json()["detail"]
     assert seg.engine.stats.items.get("image_encoder", 0) == encoded + 1
 
 
@@ -238,18 +249,18 @@ def test_dicom_series_zip_upload(api):
 ])
 def test_native_formats_upload_as_the_format_reader_reads_them(api, rel, modality):
     """Each format of the sample set: the stored pixels are mcp_medsam.io.medical's reading and
-    conversion of the file (a single DICOM slice becomes a 2D image)."""
+    conversion of the file (a single DICOM file is a volume one slice deep, as `segment` reads it)."""
     from mcp_medsam.io import medical
 
     path = need(FORMATS / rel)
     if path.suffix in (".nrrd", ".dcm"):
         pytest.importorskip("SimpleITK", reason="the io extra (SimpleITK) is not installed")
     d = upload(api, path, **({"modality": modality} if modality else {}))
-    expected = medical.to_uint8(medical.read_image(path), modality or "XRay")
-    if expected.ndim == 3 and len(expected) == 1:
-        expected = np.repeat(expected[0][:, :, None], 3, axis=2)
-    assert d["modality"] == modality
-    if d["dims"] == 3:
+    native = medical.read_image(path)
+    expected = medical.to_uint8(native, modality or "XRay")
+    assert d["modality"] == modality and d["dims"] == (3 if native.is_3d else 2)
+    if native.is_3d:
+        assert d["spacing"] == pytest.approx(native.spacing_zyx)  # the order of shape: (z, y, x)
         z = len(expected) // 2
         assert d["shape"] == list(expected.shape)
         np.testing.assert_array_equal(decode_png(api.get(f"/v1/images/{d['id']}/slices/{z}").content), expected[z])

@@ -142,13 +142,23 @@ def test_draw_move_delete_a_box_on_a_png(page, seg, tmp_path):
     shutil.copy(tmp_path / "serve-page.png", SCREENSHOT)
     print(f"\nscreenshot: {tmp_path / 'serve-page.png'} (copied to {SCREENSHOT})")
 
-    # Download the label PNG.
+    # Download the label PNG (values 1..N), and beside it a colour one to look at.
     with page.expect_download() as dl:
         page.click("#download")
     saved = tmp_path / dl.value.suggested_filename
     dl.value.save_as(saved)
     assert saved.name == "CHNCXR-0001-0_image_labels.png"
     np.testing.assert_array_equal(cv2.imread(str(saved), cv2.IMREAD_UNCHANGED), ref)
+    page.select_option("#download-format", "image/png;colour")
+    with page.expect_download() as dl:
+        page.click("#download")
+    saved = tmp_path / dl.value.suggested_filename
+    dl.value.save_as(saved)
+    assert saved.name == "CHNCXR-0001-0_image_labels_colour.png"
+    from mcp_medsam.overlay import label_colour
+
+    bgr = cv2.imread(str(saved), cv2.IMREAD_COLOR)
+    assert (bgr[ref == 1] == label_colour(1)).all() and (bgr[ref == 0] == 0).all()
 
     # Move: drag from inside the box by (+30, -20) pixels; the mask follows the new box.
     start = to_page(page, shape, 180, 260)
@@ -163,6 +173,25 @@ def test_draw_move_delete_a_box_on_a_png(page, seg, tmp_path):
     settled(page, 3)
     assert page.evaluate("window.mcpMedsam.boxes") == [] and page.evaluate("window.mcpMedsam.labels") is None
     assert overlay_alpha(page, *inside) == 0
+
+
+def test_a_picture_without_modality_asks_for_one_before_the_first_box(page, seg):
+    """A PNG carries no modality: with "(from the upload)" the page asks for one, draws no box until it
+    has one, and then segments as usual. The header says what precision runs and how weights are stored."""
+    info = page.evaluate("window.mcpMedsam.info.model")
+    assert f"runs {info['runs_at']} · weights stored as {info['precision']}" in page.text_content("#model")
+    img = cv2.imread(str(need(PNG)), cv2.IMREAD_GRAYSCALE)
+    open_file(page, PNG, "")
+    assert page.evaluate("window.mcpMedsam.needsModality") is True
+    assert "pick one in the Modality list" in page.text_content("#status")
+    drag(page, to_page(page, img.shape, 100, 120), to_page(page, img.shape, 250, 400))
+    assert page.evaluate("window.mcpMedsam.boxes") == [] and page.evaluate("window.mcpMedsam.error") is None
+    assert "pick one in the Modality list" in page.text_content("#status")
+    page.select_option("#modality", "XRay")
+    assert page.evaluate("window.mcpMedsam.needsModality") is False
+    drag(page, to_page(page, img.shape, 100, 120), to_page(page, img.shape, 250, 400))
+    settled(page, 1)
+    np.testing.assert_array_equal(page_labels(page), seg.segment_image(img, [[100, 120, 250, 400]], "XRay"))
 
 
 def test_draw_and_propagate_on_a_nifti_volume(page, seg, tmp_path):

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -34,7 +34,7 @@ from .. import __version__, prompts
 from ..errors import InputError, SegmentationError, TooLarge
 from ..modality import accepted_token
 from ..segmenter import Segmenter
-from . import results, uploads
+from . import nninteractive, results, uploads
 from .config import MB, ServeConfig, ServeError
 from .guards import (AccessLogFilter, BodyTimeout, HostOriginGuard, ShutdownGuard, receive_within, short_id,
                      shorten_ids)
@@ -62,8 +62,11 @@ class SegmentRequest(BaseModel):
 
 class ImageOut(BaseModel):
     id: str = Field(description="Unguessable id of the upload: every other call names it.")
-    shape: list[int] = Field(description="[H, W] for a 2D image, [D, H, W] for a volume (z, y, x).")
-    spacing: Optional[list[float]] = Field(description="mm per pixel in the order of shape, where the file has it.")
+    shape: list[int] = Field(description="[H, W] for a 2D image, [D, H, W] for a volume (z, y, x; a single .dcm "
+                                         "file is a volume of depth 1).")
+    spacing: Optional[list[float]] = Field(description="mm per pixel in the order of shape: (z, y, x) for a volume, "
+                                           "(y, x) for 2D, as NPZ cases store it (SimpleITK lists it x first); "
+                                           "null where the file has none.")
     modality: Optional[str]
     dims: int = Field(description="2 or 3.")
     format: str = Field(description="The upload's file format (its suffix).")
@@ -98,7 +101,7 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        is_upload = scope["method"] == "POST" and scope["path"].rstrip("/") == UPLOAD_PATH
+        is_upload = scope["method"] == "POST" and scope["path"].rstrip("/") in (UPLOAD_PATH, *nninteractive.ARRAY_PATHS)
         limit = self.upload_bytes if is_upload else JSON_BODY_BYTES
         message = (f"the upload is larger than {limit / MB:.4g} MB (--max-upload-mb)" if is_upload
                    else f"the request body is larger than {limit / MB:.4g} MB")
@@ -249,7 +252,8 @@ def create_app(*, segmenter: Segmenter, config: ServeConfig) -> FastAPI:
 
     def load(image_id: str, folder: Path, received: uploads.Received) -> StoredImage:
         """Read the upload and, for a 2D image, embed it (thread pool; the model lock only for the encoder)."""
-        modality = received.fields.get("modality") or uploads.modality_from_name(received.filename) or None
+        modality = (received.fields.get("modality") or uploads.modality_from_name(received.filename)
+                    or config.modality or None)
         if modality:
             segmenter.modality_row(modality)  # UnknownModality (422) names the accepted ones
             modality = accepted_token(modality)
@@ -352,11 +356,18 @@ def create_app(*, segmenter: Segmenter, config: ServeConfig) -> FastAPI:
 
     @v1.get("/images/{image_id}/labels", responses={200: {"content": LABEL_CONTENT}}, response_class=Response,
             summary="The latest segmentation again, in any format (e.g. to download it)")
-    def get_labels(image_id: str, accept: Optional[str] = Header(None)) -> Response:
+    def get_labels(image_id: str, accept: Optional[str] = Header(None),
+                   colour: bool = Query(False, description="2D: a colour PNG to look at (label i in its overlay "
+                                        "colour, background black) instead of the label values 1..N")) -> Response:
         image = image_of(image_id)
         if image.labels is None:
             raise HTTPException(404, "no segmentation of this image yet: POST /v1/images/{id}/segment first")
-        return label_response(image, answer_kind(image, accept))
+        if not colour:
+            return label_response(image, answer_kind(image, accept))
+        if image.is_3d or results.negotiate(accept, (results.PNG,)) is None:
+            raise HTTPException(406, "colour=true gives a PNG of a 2D image's labels (Accept: image/png)")
+        return Response(results.colour_png(image.labels), media_type=results.PNG, headers={
+            "Content-Disposition": f'attachment; filename="{image.name}_labels_colour.png"'})
 
     @v1.get("/images/{image_id}/progress", summary="Where the latest segment request stands")
     async def get_progress(image_id: str) -> dict[str, Any]:
@@ -393,6 +404,7 @@ def create_app(*, segmenter: Segmenter, config: ServeConfig) -> FastAPI:
         }
 
     app.include_router(v1)
+    app.include_router(nninteractive.router(segmenter=segmenter, config=config, engine_lock=model, auth=authorised))
 
     @app.get("/healthz", summary="Liveness (no token needed)")
     async def healthz() -> dict[str, Any]:

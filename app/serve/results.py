@@ -64,6 +64,16 @@ def encode_png(array: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+def colour_png(labels: np.ndarray) -> bytes:
+    """(H, W) uint8/uint16 labels -> an RGB PNG to look at: label i in the colour mcp-medsam's overlays
+    give it (:func:`mcp_medsam.overlay.label_colour`), background black. A 0/1 label PNG looks black."""
+    from ..overlay import label_colour
+
+    values, index = np.unique(labels, return_inverse=True)
+    lut = np.array([(0, 0, 0) if v == 0 else label_colour(int(v))[::-1] for v in values], np.uint8)  # BGR -> RGB
+    return encode_png(lut[index.reshape(labels.shape)])
+
+
 def run_lengths(labels: np.ndarray) -> list[int]:
     """[v0, n0, v1, n1, ...]: the runs of equal values of ``labels`` in C order."""
     flat = labels.ravel()

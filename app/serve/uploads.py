@@ -5,7 +5,9 @@ store made, the suffix taken from a fixed list of formats; the client's file nam
 that suffix, a download name and a CVPR24 modality token (``2DBox_XRay_...``).
 
 Arrays come out as the model takes them: (H, W, 3) uint8 RGB for a 2D image, (D, H, W) uint8 for
-a volume (z, y, x), with the spacing in mm in the same order where the file has one.
+a volume (z, y, x; a single ``.dcm`` file is a volume one slice deep), with the spacing in mm in the
+same order, the array's, where the file has one: the order of NPZ ``spacing`` and of
+``MedicalImage.spacing_zyx`` (``MedicalImage.spacing`` is SimpleITK's, x first).
 """
 
 from __future__ import annotations
@@ -297,18 +299,12 @@ def load_upload(path: Path, *, modality: str | None, window: tuple[float, float]
         raise UploadError("a volume's intensities are converted by its modality (CT: window L40/W400 HU; "
                           "MR, PET, ...: percentiles): send 'modality' (or 'window' LEVEL,WIDTH) with the upload")
     array = medical.to_uint8(image, modality or PICTURE_MODALITY, window=window)
-    if image.is_3d and array.shape[0] == 1:
-        array, is_3d = array[0], False  # one slice (a single .dcm file): a 2D image
-    else:
-        is_3d = image.is_3d
+    # A volume stays a volume, one slice deep too (a single .dcm file), as `segment` reads it.
     # The geometry without the pixels: write_labels needs only the grid's shape and the file's geometry.
     native = replace(image, array=np.broadcast_to(np.uint8(0), image.array.shape[:3] if image.is_3d
                                                   else image.array.shape[:2]))
-    spacing = image.spacing_zyx
-    if spacing is not None and not is_3d and len(spacing) == 3:
-        spacing = spacing[1:]
-    return Loaded(array=check_image(array, volume=is_3d), is_3d=is_3d, spacing=spacing,
-                  native=native if is_3d == image.is_3d else None)
+    return Loaded(array=check_image(array, volume=image.is_3d), is_3d=image.is_3d, spacing=image.spacing_zyx,
+                  native=native)
 
 
 def _read_native(read: Any) -> Any:

@@ -10,7 +10,7 @@
   const state = {
     info: null, image: null, is3d: false, z: 0, boxes: [], selected: -1,
     labels: null, labelShape: null, labelBoxes: null, iou: [], applied: 0,
-    pending: false, dirty: false, error: null, slices: new Map(),
+    pending: false, dirty: false, error: null, slices: new Map(), needsModality: false,
   };
   window.mcpMedsam = state;
 
@@ -286,8 +286,16 @@
 
   let drag = null;  // {mode: "draw" | "move", start, box, orig}
 
+  // An upload without a modality (a PNG, say) cannot be segmented: ask for one before the first box.
+  function askModality() {
+    setStatus("This upload carries no modality: pick one in the Modality list, then draw a box.");
+    $("modality").classList.add("attention");
+    $("modality").focus();
+  }
+
   boxCanvas.addEventListener("pointerdown", (ev) => {
     if (!state.image || ev.button !== 0) return;
+    if (state.needsModality) { askModality(); return; }
     boxCanvas.setPointerCapture(ev.pointerId);
     boxCanvas.focus();
     const p = toImage(ev);
@@ -371,6 +379,7 @@
     Object.assign(state, { image, is3d: image.dims === 3, boxes: [], selected: -1, labels: null,
                            labelShape: null, labelBoxes: null, iou: [], slices: new Map() });
     if (image.modality) $("modality").value = image.modality;
+    state.needsModality = !$("modality").value;
     const { d, h, w } = dims();
     for (const c of [imageCanvas, overlayCanvas]) { c.width = w; c.height = h; }
     $("view").hidden = false;
@@ -384,12 +393,21 @@
     renderBoxList();
     await showSlice(Math.floor(d / 2));
     setStatus(`${image.name}: ${image.shape.join(" x ")}${state.is3d ? " (volume)" : ""}. Draw a box.`);
+    if (state.needsModality) askModality();
     if (image.boxes && image.boxes.length) {  // an NPZ case brings its own boxes
       state.boxes = image.boxes.map((b) => state.is3d ? { x0: b[0], y0: b[1], z0: b[2], x1: b[3], y1: b[4], z1: b[5] }
                                                       : { x0: b[0], y0: b[1], x1: b[2], y1: b[3] });
-      boxesChanged();
+      if (state.needsModality) { renderBoxList(); drawBoxes(); } else boxesChanged();  // segmented once it is picked
     }
   }
+
+  $("modality").addEventListener("change", () => {
+    if (!state.image || !state.needsModality || !$("modality").value) return;
+    state.needsModality = false;
+    $("modality").classList.remove("attention");
+    setStatus(`Modality ${$("modality").value}. Draw a box.`);
+    if (state.boxes.length) boxesChanged();
+  });
 
   // Shown as large as the window allows (small volumes' slices scaled up, large pictures down).
   function fitCanvas() {
@@ -420,13 +438,16 @@
     const offered = state.info ? state.info.formats[state.is3d ? "labels_3d" : "labels_2d"] : [];
     const known = offered.filter((k) => k in FORMATS);
     const kinds = [...known.filter((k) => k === "application/gzip"), ...known.filter((k) => k !== "application/gzip")];
-    sel.replaceChildren(...kinds.map((k) => new Option(FORMATS[k], k)));
+    const options = kinds.map((k) => new Option(k === "image/png" ? "PNG (labels 1..N)" : FORMATS[k], k));
+    // A 0/1 label PNG looks black in a viewer; this one shows each box's mask in its colour.
+    if (!state.is3d) options.splice(1, 0, new Option("PNG (colour, to look at)", "image/png;colour"));
+    sel.replaceChildren(...options);
   }
 
   $("download").addEventListener("click", async () => {
     try {
-      const accept = $("download-format").value;
-      const r = await api(`v1/images/${state.image.id}/labels`, { headers: { Accept: accept } });
+      const [accept, colour] = $("download-format").value.split(";");
+      const r = await api(`v1/images/${state.image.id}/labels${colour ? "?colour=true" : ""}`, { headers: { Accept: accept } });
       const m = /filename="([^"]+)"/.exec(r.headers.get("Content-Disposition") || "");
       const a = document.createElement("a");
       a.href = URL.createObjectURL(await r.blob());
@@ -451,7 +472,8 @@
     const keep = sel.value;
     sel.replaceChildren(new Option("(from the upload)", ""), ...state.info.modalities.map((m) => new Option(m, m)));
     sel.value = keep;
-    $("model").textContent = `${state.info.model.description} · ${state.info.model.precision}`;
+    const m = state.info.model;
+    $("model").textContent = `${m.description} · runs ${m.runs_at} · weights stored as ${m.precision}`;
     if (!state.error) setStatus(`Pick the modality, then choose a file (${state.info.formats.upload.join(" ")}).`);
   }
 
