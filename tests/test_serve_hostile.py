@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import http.client
+import io
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,7 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed: pip ins
 from mcp_medsam.serve.loadcheck import free_port, stop_server, wait_healthy  # noqa: E402
 
 PNG = SHARED / "data" / "formats" / "png" / "CHNCXR-0001-0_image.png"
+DICOM = SHARED / "data" / "formats" / "dicom" / "STS-001-CT" / "image"
 BOUNDARY = "hostile-boundary"
 DEADLINE = 60.0  # seconds any poll below may take before the test fails
 
@@ -123,8 +126,8 @@ def images_held(port: int) -> int:
 def server(tmp_path_factory):
     """A token-less server with small limits and a short body timeout, logging at info level."""
     tmp = tmp_path_factory.mktemp("hostile")
-    with server_process(tmp, "--max-images", "3", "--body-timeout", "3", "--allowed-host", "viewer.lan",
-                        "--log-level", "info") as (port, proc, log):
+    with server_process(tmp, "--max-images", "3", "--max-image-mb", "8", "--body-timeout", "3",
+                        "--allowed-host", "viewer.lan", "--log-level", "info") as (port, proc, log):
         yield port, log
 
 
@@ -140,6 +143,50 @@ def test_windows_that_are_not_finite_positive_numbers_are_422(server, window, wo
     status, answer = upload(port, {"modality": "XRay", "window": window})
     assert status == 422 and words in answer["detail"] and "the form field 'window'" in answer["detail"], answer
     assert images_held(port) == 0
+
+
+# ---------------------------------------------------------------- item 6: sizes before decoding
+
+
+def zipped(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_a_dicom_zip_is_refused_from_its_headers_before_decoding(server):
+    """Rows and Columns patched to 65535 (4 GiB a slice): 413 from the headers, nothing decoded."""
+    pytest.importorskip("SimpleITK", reason="the io extra (SimpleITK) is not installed")
+    port, _ = server
+    members = {}
+    for f in sorted(need(DICOM).glob("*.dcm"))[:3]:
+        data = bytearray(f.read_bytes())
+        for tag in (b"\x28\x00\x10\x00", b"\x28\x00\x11\x00"):  # (0028,0010) Rows, (0028,0011) Columns
+            at = data.find(tag + b"\x02\x00\x00\x00")  # implicit VR little endian, 2 bytes
+            assert at > 0
+            data[at + 8:at + 10] = b"\xff\xff"
+        members[f.name] = bytes(data)
+    status, answer = upload(port, {"modality": "CT"}, "series.zip", zipped(members))
+    assert status == 413 and "65535x65535x1" in answer["detail"] and "(--max-image-mb)" in answer["detail"], answer
+    assert images_held(port) == 0
+
+
+def test_zip_extraction_stops_at_its_limit(server, tmp_path):
+    """A .zip that unpacks beyond 2 x --max-image-mb (8 MB here) is refused while it unpacks, and never
+    has more than the limit on disk (counted as written)."""
+    from mcp_medsam.serve.uploads import UploadTooLarge, _unzip_series
+
+    port, _ = server
+    bomb = zipped({f"{i}.dcm": bytes(7 << 20) for i in range(3)})  # 21 MB of zeros in ~60 kB
+    status, answer = upload(port, {"modality": "CT"}, "series.zip", bomb)
+    assert status == 413 and "the .zip's files" in answer["detail"], answer
+    (tmp_path / "up.zip").write_bytes(bomb)
+    with pytest.raises(UploadTooLarge):
+        _unzip_series(tmp_path / "up.zip", max_bytes=16 << 20)
+    written = sum(p.stat().st_size for p in (tmp_path / "series").iterdir())
+    assert 14 << 20 <= written <= 16 << 20
 
 
 # ---------------------------------------------------------------- item 8: Host and Origin

@@ -30,6 +30,8 @@ DICOM_ZIP = ".zip"  # a DICOM series, zipped
 # Header + data pairs: one upload cannot carry both files (.mha and .nrrd are the same formats in one file).
 PAIRED = (".mhd", ".nhdr")
 MAX_ZIP_MEMBERS = 10000
+# A DICOM .zip unpacks to at most this many times --max-image-mb: 16-bit pixels of the largest image taken.
+ZIP_FACTOR = 2
 # How a picture uploaded without a modality is converted: as any modality but grey microscopy.
 PICTURE_MODALITY = "XRay"
 FORM_FIELDS = ("file", "modality", "window", "series")
@@ -285,7 +287,8 @@ def load_upload(path: Path, *, modality: str | None, window: tuple[float, float]
     if suffix == medical.NPZ_SUFFIX:
         return _read_npz(path, max_bytes=max_bytes)
     if suffix == DICOM_ZIP:
-        folder = _unzip_series(path, max_bytes=4 * max_bytes)
+        folder = _unzip_series(path, max_bytes=ZIP_FACTOR * max_bytes)
+        _check_series_headers(folder, max_bytes)
         image = _read_native(lambda: medical.read_image(folder, series=series))
     else:
         if series is not None:
@@ -363,6 +366,32 @@ def _check_header(path: Path, suffix: str, max_bytes: int) -> None:
     voxels = int(np.prod(reader.GetSize(), dtype=np.int64)) * max(reader.GetNumberOfComponents(), 1)
     if voxels > max_bytes:
         raise _too_large(voxels, max_bytes, f"an image of {'x'.join(map(str, reader.GetSize()))} (x, y, z)")
+
+
+def _check_series_headers(folder: Path, max_bytes: int) -> None:
+    """Refuse an unpacked DICOM .zip whose files' headers (Rows x Columns x frames, read by SimpleITK
+    without the pixels) declare more than ``max_bytes`` of uint8 voxels, all its files together: ITK
+    allocates each slice as its header sizes it, before it compares slices."""
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        return  # read_image says that the io extra is missing
+    from ..locale_guard import keep_locale
+
+    voxels, grids = 0, set()
+    with keep_locale():  # GDCM switches the process's C locale
+        for name in sorted(folder.iterdir()):
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(name))
+            try:
+                reader.ReadImageInformation()
+            except RuntimeError:
+                continue  # not an image (RTSTRUCT, SEG, text): read_image skips or names it
+            size = reader.GetSize()
+            voxels += int(np.prod(size, dtype=np.int64)) * max(reader.GetNumberOfComponents(), 1)
+            grids.add("x".join(map(str, size)))
+            if voxels > max_bytes:
+                raise _too_large(voxels, max_bytes, f"the .zip's DICOM files ({', '.join(sorted(grids))}, x first)")
 
 
 def _unzip_series(path: Path, *, max_bytes: int) -> Path:
