@@ -338,9 +338,33 @@ def export(
                                   precision=precision, keep_onnx=keep_onnx, verify_data=verify_data,
                                   calibration_cases=calibration_cases, int8_target_dice=int8_target_dice,
                                   description=description, provenance=_read_provenance(provenance),
-                                  variants=tuple(variants or ())))
+                                  variants=tuple(variants or ()), fold=fold))
     except (ExportError, RuntimeError) as exc:
         _fail(exc)
+
+
+@cli.command()
+def fold(
+    folder: Optional[Path] = typer.Argument(None, help="Exported model folder (OpenVINO IR, no ONNX files) to fold in place. Default: $MCP_MEDSAM_WEIGHTS, else the weights installed with mcp-medsam."),
+    verify_data: Optional[Path] = typer.Option(None, "--verify-data", help="Folder of real *.npz cases the folded graph is judged on against the unfolded one. Default: synthetic images only."),
+    verify_cases: int = typer.Option(3, "--verify-cases", min=1, help="Cases of --verify-data to judge on."),
+) -> None:
+    """Fold the per-box graph's input-independent part into constants (export extra).
+
+    What 'mcp-medsam export --no-onnx' does as it writes, for a folder whose checkpoint is not at hand:
+    a crop CNN whose last conv weights are zero becomes its constant output and the crops input goes.
+    Judged against the unfolded graph (the export's decoder bar); variants are dropped (rebuild them)."""
+    fold_side = _torch_side("mcp_medsam_torch.fold", "fold")
+    from .errors import SegmentationError
+    from .manifest import bundled_weights
+
+    _log_to_stdout("mcp_medsam_torch")
+    try:
+        result = fold_side.fold_folder(folder or bundled_weights(), verify_data=verify_data, cases=verify_cases)
+    except (SegmentationError, RuntimeError) as exc:
+        _fail(exc)
+    typer.echo(f"folded: {', '.join(result.constants)}; {result.removed_gflops:.1f} GFLOP per box less; inputs "
+               f"dropped: {', '.join(result.removed_inputs) or 'none'}" if result.folded else f"nothing folded: {result.reason}")
 
 
 @cli.command()

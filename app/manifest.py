@@ -137,6 +137,12 @@ class Manifest:
         """Channels of the image embedding, from the decoder's input spec."""
         return int(self.graphs["decoder"].inputs["image_embeddings"].shape[1])
 
+    @property
+    def reads_crops(self) -> bool:
+        """Whether the per-box graph reads the 64x64 content crops (False where the export folded an
+        input-independent crop CNN into a constant: ``graphs.decoder.folded``)."""
+        return "crops" in self.graphs["decoder"].inputs
+
     def modality_row(self, token: str) -> int | None:
         try:
             return self.modality_tokens.index(token)

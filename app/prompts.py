@@ -262,13 +262,15 @@ def jitter_box(grid: np.ndarray, crop: np.ndarray, shifts: np.ndarray, *, hw: tu
     return g.astype(np.float32), c
 
 
-def decoder_feed(*, embeddings: np.ndarray, embedding_index: np.ndarray, boxes: np.ndarray, crops: np.ndarray,
+def decoder_feed(*, embeddings: np.ndarray, embedding_index: np.ndarray, boxes: np.ndarray,
+                 crops: np.ndarray | None,
                  modality_index: np.ndarray, clip_features: np.ndarray | None = None,
                  points: np.ndarray | None = None, point_labels: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The per-box graph's inputs, by the exported names, for B boxes.
 
     embeddings (K, C, E, E) float32, embedding_index (B,) int64 row of embeddings per box,
-    boxes (B, 4) float32 on the grid, crops (B, 3, E, E) float32, modality_index (B,) int64 row of
+    boxes (B, 4) float32 on the grid, crops (B, 3, E, E) float32 (None or (B, 0) for a graph without a
+    crops input: its crop CNN folded at export, ``Manifest.reads_crops``), modality_index (B,) int64 row of
     the model's modality table, clip_features (B, 512) float32 (models with a CLIP tower only),
     points (B, P, 2) x, y on the grid (:func:`points_to_grid`) and point_labels (B, P) (1 fg, 0 bg,
     -1 padding; :func:`pad_points`), fed as ``point_coords`` / ``point_labels`` float32, for models
@@ -277,8 +279,9 @@ def decoder_feed(*, embeddings: np.ndarray, embedding_index: np.ndarray, boxes: 
     feed = {"image_embeddings": np.ascontiguousarray(embeddings, dtype=np.float32),
             "embedding_index": np.asarray(embedding_index, dtype=np.int64),
             "boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
-            "crops": np.ascontiguousarray(crops, dtype=np.float32),
             "modality_index": np.asarray(modality_index, dtype=np.int64)}
+    if crops is not None and np.shape(crops)[-1]:
+        feed["crops"] = np.ascontiguousarray(crops, dtype=np.float32)
     if clip_features is not None:
         feed["clip_image_features"] = np.ascontiguousarray(clip_features, dtype=np.float32)
     if points is not None:

@@ -377,9 +377,11 @@ class Segmenter:
 
     def _content(self, img: np.ndarray, crop_boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Crops (B, 3, E, E) and, with a CLIP tower, CLIP features (B, 512) for boxes in original
-        pixels of an (H, W, 3) image or a grey (H, W) slice."""
+        pixels of an (H, W, 3) image or a grey (H, W) slice. Crops are (B, 0) where the per-box graph
+        does not read them (its crop CNN folded into a constant at export): none is computed."""
         m = self.manifest
-        crops = prompts.content_crops(img, crop_boxes, m.crop_size)
+        crops = (prompts.content_crops(img, crop_boxes, m.crop_size) if m.reads_crops
+                 else np.zeros((len(crop_boxes), 0), np.float32))
         feats = None
         if m.has_clip:
             feats = self.engine.clip(prompts.content_crops(img, crop_boxes, m.clip_crop_size))

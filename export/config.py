@@ -34,6 +34,7 @@ class ExportConfig:
     description: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     variants: tuple[str, ...] = ()  # bf16, int8 (mcp_medsam_torch.precision); needs verify_data
+    fold: bool = True  # fold input-independent parts of the per-box graph (mcp_medsam_torch.fold); IR only
 
 
 def swap_in(tmp: Path, out: Path) -> None:

@@ -210,6 +210,8 @@ def export_model(cfg: ExportConfig) -> Path:
             else:
                 onnx_path.unlink()
             graphs[b.name] = {"files": files, "inputs": ins, "outputs": outs, "gflops": round(b.gflops, 3)}
+        if cfg.fold:
+            _fold_decoder(tmp, graphs["decoder"], cfg, keep_onnx)
 
         def write_manifest(**extra: Any) -> None:
             write_json(tmp / MANIFEST_NAME, _manifest(cfg, mc, source=source, clip_info=clip_info, tokens=tokens,
@@ -240,6 +242,26 @@ def export_model(cfg: ExportConfig) -> Path:
         raise
     log.info(f"wrote {out}")
     return out
+
+
+def _fold_decoder(folder: Path, graph: dict[str, Any], cfg: ExportConfig, keep_onnx: bool) -> None:
+    """Fold the per-box graph's input-independent part into constants where it is proved
+    (:mod:`mcp_medsam_torch.fold`: a crop CNN whose last conv is zero), before INT8 and verification
+    (which then judges the folded graph against the unfolded PyTorch module)."""
+    from .fold import fold_ir, record_fold
+
+    if keep_onnx:
+        log.info("note: no constant folding while ONNX files are kept (the fold rewrites the OpenVINO IR); "
+                 "--no-onnx folds what is input-independent")
+        return
+    result = fold_ir(folder / graph["files"]["openvino"], compress_to_fp16=cfg.precision == "fp16",
+                     reason="output independent of the graph's inputs (zero weights)")
+    if result.folded:
+        record_fold(graph, result)
+        log.info(f"folded into constants: {', '.join(result.constants)} ({result.removed_gflops:.1f} GFLOP per box "
+                 f"less; inputs dropped: {', '.join(result.removed_inputs) or 'none'})")
+    else:
+        log.info(f"nothing folded: {result.reason}")
 
 
 def _manifest(cfg: ExportConfig, mc: ModelConfig, *, source: dict[str, Any], clip_info: dict[str, Any],

@@ -117,3 +117,76 @@ def test_cli_export_fp16_without_onnx(tmp_path):
 def test_unknown_precision_is_refused(tmp_path):
     proc = run_cli("export", "--out", str(tmp_path / "x"), "--precision", "bf16")
     assert proc.returncode == 1 and "unknown precision 'bf16'" in proc.stderr
+
+
+def _zero_last_crop_conv(src, dst):
+    """The checkpoint with its crop CNN's last conv weights zero (as the default model's): the crop
+    CNN then outputs that conv's bias whatever the crop."""
+    import re
+
+    import torch
+
+    ckpt = torch.load(src)
+    last = max((k for k in ckpt["model"] if re.fullmatch(r"prompt_encoder\.crop_nets\.conv\d+\.weight", k)),
+               key=lambda k: int(re.search(r"conv(\d+)", k).group(1)))
+    ckpt["model"][last].zero_()
+    torch.save(ckpt, dst)
+    return dst
+
+
+@pytest.mark.slow
+def test_constant_crop_net_is_folded_and_live_one_kept(tmp_path, tiny_export):
+    """A zero last crop conv: the export folds the crop CNN into a constant (no crops input, fewer
+    FLOPs, the same masks as the unfolded graph); ``mcp-medsam fold`` does the same to a folder
+    exported unfolded. A live crop CNN (the tiny random model) keeps it."""
+    from mcp_medsam import Segmenter
+    from mcp_medsam_torch.exporter import ExportConfig, export_model
+    from mcp_medsam_torch.fold import fold_ir
+
+    ckpt = _zero_last_crop_conv(tiny_checkpoint(tmp_path / "t.pth"), tmp_path / "z.pth")
+    folded = export_model(ExportConfig(out=tmp_path / "folded", checkpoint=ckpt, keep_onnx=False))
+    plain = export_model(ExportConfig(out=tmp_path / "plain", checkpoint=ckpt, keep_onnx=False, fold=False))
+    dec = json.loads((folded / "manifest.json").read_text())["graphs"]["decoder"]
+    ref = json.loads((plain / "manifest.json").read_text())["graphs"]["decoder"]
+    assert "crops" in ref["inputs"] and "folded" not in ref
+    assert "crops" not in dec["inputs"] and dec["folded"]["removed_inputs"] == ["crops"]
+    assert dec["folded"]["crop_net"] == "constant dense embedding, last conv weight zero"
+    assert dec["gflops_unfolded"] == ref["gflops"] and dec["gflops"] < 0.7 * ref["gflops"]
+    assert dec["gflops"] == pytest.approx(ref["gflops"] - dec["folded"]["gflops_removed"], abs=2e-3)
+
+    rng = np.random.default_rng(0)
+    img = (rng.random((90, 70, 3)) * 255).astype(np.uint8)
+    boxes = np.array([[5, 8, 50, 60], [20, 30, 69, 89], [0, 0, 69, 89]])
+    segs = {}
+    for name, folder in (("folded", folded), ("plain", plain)):
+        seg = Segmenter.load(folder, cache_dir=tmp_path / "cache", precision="fp32")
+        emb = seg.embed(img)
+        segs[name] = seg.engine.decode(seg_feed(seg, emb, boxes))[0]
+    assert seg.manifest.reads_crops and not Segmenter.load(folded, precision="fp32").manifest.reads_crops
+    assert np.mean((segs["folded"] > 0) == (segs["plain"] > 0)) >= 0.999
+    np.testing.assert_allclose(segs["folded"], segs["plain"], atol=1e-4)
+
+    proc = run_cli("fold", str(plain))
+    assert proc.returncode == 0 and "folded: " in proc.stdout and "inputs dropped: crops" in proc.stdout, proc.stderr
+    again = json.loads((plain / "manifest.json").read_text())["graphs"]["decoder"]
+    assert again["inputs"] == dec["inputs"] and again["gflops"] == dec["gflops"]
+    assert again["folded"]["verification"]["sign_agreement"] >= 0.999
+    assert run_cli("fold", str(plain)).stdout.startswith("nothing folded: already folded")
+
+    live = tmp_path / "live"
+    live.mkdir()
+    for p in tiny_export.glob("decoder.*"):
+        (live / p.name).write_bytes(p.read_bytes())
+    result = fold_ir(live / "decoder.xml", compress_to_fp16=False)
+    assert not result.folded and "nothing input-independent" in result.reason
+
+
+def seg_feed(seg, emb, boxes):
+    """The decoder feed the segmenter builds for boxes on one embedded image (crops only where read)."""
+    from mcp_medsam import prompts
+
+    h, w = emb.shape
+    crops, _ = seg._content(emb.image, boxes)
+    return prompts.decoder_feed(embeddings=emb.embedding, embedding_index=np.zeros(len(boxes), np.int64),
+                                boxes=np.stack([prompts.box_to_grid(b, h, w, seg.manifest.image_size) for b in boxes]),
+                                crops=crops, modality_index=np.zeros(len(boxes), np.int64))
