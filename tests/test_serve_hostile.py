@@ -250,6 +250,23 @@ def test_stalled_uploads_hold_no_place_and_are_dropped(server):
     assert images_held(port) == 0
 
 
+def test_uploads_arriving_at_once_are_bounded(server):
+    """At most 4 x --max-images uploads arrive at once (12 here): one more is 503 with Retry-After."""
+    port, _ = server
+    stalled = [stalled_upload(port) for _ in range(12)]
+    try:
+        poll(lambda: json.loads(request(port, "GET", "/v1/info")[2])["uploads_receiving"] == 12, "12 uploads arriving")
+        body = multipart({"modality": "XRay"}, "scan.png", need(PNG).read_bytes())
+        status, headers, answer = request(port, "POST", "/v1/images", body,
+                                          {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+        assert status == 503 and headers["retry-after"] == "5", answer
+        assert "12 uploads are being received already" in json.loads(answer)["detail"]
+    finally:
+        for s in stalled:
+            s.close()
+    poll(lambda: json.loads(request(port, "GET", "/v1/info")[2])["uploads_receiving"] == 0, "the places are free")
+
+
 def test_a_stalled_json_body_is_dropped_too(server):
     port, _ = server
     with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as s:
@@ -265,10 +282,11 @@ def test_a_client_that_disconnects_mid_upload_is_one_log_line(server):
     port, log = server
     before = log_text(log)
     s = stalled_upload(port)
+    line = f"POST /v1/images from 127.0.0.1:{s.getsockname()[1]}: the client disconnected"
     s.close()
-    poll(lambda: "the client disconnected" in log_text(log)[len(before):], "the disconnect is logged")
+    poll(lambda: line in log_text(log), "the disconnect is logged")
     new = log_text(log)[len(before):]
-    assert new.count("disconnected") == 1 and "Traceback" not in new and "Exception" not in new, new
+    assert new.count(line) == 1 and "Traceback" not in new and "Exception" not in new, new
     assert images_held(port) == 0
 
 

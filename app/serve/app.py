@@ -199,8 +199,9 @@ def create_app(*, segmenter: Segmenter, config: ServeConfig) -> FastAPI:
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(request: Request, exc: ClientDisconnect) -> Response:
-        log.info("%s %s: the client disconnected before the request was complete", request.method,
-                 shorten_ids(request.url.path))
+        client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+        log.info("%s %s from %s: the client disconnected before the request was complete", request.method,
+                 shorten_ids(request.url.path), client)
         return Response(status_code=400)  # nobody reads it
 
     @app.exception_handler(RequestValidationError)
