@@ -1,7 +1,7 @@
 # CPU appliance for MCP-MedSAM (CVPR24 "MedSAM on Laptop" NPZ cases):
 #   docker container run -m 8G --rm -v IN:/workspace/inputs -v OUT:/workspace/outputs IMAGE /bin/bash -c "sh predict.sh"
 # The same image serves the model over HTTP (web page at /; a token is required off loopback):
-#   docker container run --rm -p 8000:8000 IMAGE mcp-medsam serve --host 0.0.0.0 --token T
+#   docker container run --rm -p 8000:8000 -e MCP_MEDSAM_TOKEN=<16+ characters> IMAGE mcp-medsam serve --host 0.0.0.0
 # Runtime dependencies only (no torch); the default weights (package data) and their compiled-model cache are baked in.
 #
 # Size: pip runs in build stages; the image is Debian with its python3 (no pip, setuptools or build tools)
