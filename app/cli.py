@@ -633,6 +633,17 @@ def distill(ctx: typer.Context) -> None:
     raise typer.Exit(train_main(["distill", *ctx.args], prog="mcp-medsam"))
 
 
+@cli.command("train-clicks", context_settings=_PASSTHROUGH, add_help_option=False)
+def train_clicks(ctx: typer.Context) -> None:
+    """Teach the decoder foreground/background clicks (simulated CVPR 2025 sessions).
+
+    Options: mcp-medsam train-clicks --help (export extra)."""
+    _torch_side("mcp_medsam_torch.train.clicks", "train-clicks", ctx)
+    from mcp_medsam_torch.train.__main__ import main as train_main
+
+    raise typer.Exit(train_main(["train-clicks", *ctx.args], prog="mcp-medsam"))
+
+
 def main() -> None:
     try:
         cli(prog_name="mcp-medsam")

@@ -141,7 +141,14 @@ class PromptEncoder(BoxPromptEncoder):
         boxes (B, 4) on the 256 grid; crops (B, 3, 64, 64) in [0, 1]; clip_image_features and
         text_features (B, 512); category_idx (B,) int64.
         """
-        sparse = torch.cat(
+        sparse = self.sparse_tokens(boxes=boxes, clip_image_features=clip_image_features,
+                                    text_features=text_features, category_idx=category_idx)
+        return sparse, self.crop_nets(crops)
+
+    def sparse_tokens(self, *, boxes: torch.Tensor, clip_image_features: torch.Tensor, text_features: torch.Tensor,
+                      category_idx: torch.Tensor) -> torch.Tensor:
+        """(B, 4, C) float32: box corner 1, box corner 2, content token, modality token."""
+        return torch.cat(
             [
                 self.box_tokens(boxes),
                 self.content_token(clip_image_features).unsqueeze(1),
@@ -149,4 +156,3 @@ class PromptEncoder(BoxPromptEncoder):
             ],
             dim=1,
         )
-        return sparse, self.crop_nets(crops)

@@ -69,14 +69,23 @@ class MCPMedSAM(_SamLayout):
 
     def decode(self, *, image_embeddings: torch.Tensor, boxes: torch.Tensor, crops: torch.Tensor,
                clip_image_features: torch.Tensor, text_features: torch.Tensor, category_idx: torch.Tensor,
-               point_coords: torch.Tensor | None = None, point_labels: torch.Tensor | None = None) -> DecoderOutput:
+               point_coords: torch.Tensor | None = None, point_labels: torch.Tensor | None = None,
+               dense: torch.Tensor | None = None) -> DecoderOutput:
         """image_embeddings (B, 256, 64, 64), one per prompt; boxes (B, 4) on the 256 grid;
         crops (B, 3, 64, 64) in [0, 1]; clip_image_features, text_features (B, 512); category_idx (B,).
         Optional clicks: point_coords (B, P, 2) float32 x, y on the 256 grid and point_labels (B, P)
         (1 foreground, 0 background, -1 padding; :meth:`PromptEncoder.point_tokens`). Without points, or
-        with padding only, the outputs are the box-only ones."""
-        sparse, dense = self.prompt_encoder(boxes=boxes, crops=crops, clip_image_features=clip_image_features,
-                                            text_features=text_features, category_idx=category_idx)
+        with padding only, the outputs are the box-only ones. ``dense`` (1 or B, 256, 64, 64): the crop
+        CNN's output when the caller already has it (a frozen crop CNN whose output does not depend on
+        the crop; ``crops`` is then not read)."""
+        pe = self.prompt_encoder
+        if dense is None:
+            sparse, dense = pe(boxes=boxes, crops=crops, clip_image_features=clip_image_features,
+                               text_features=text_features, category_idx=category_idx)
+        else:
+            sparse = pe.sparse_tokens(boxes=boxes, clip_image_features=clip_image_features,
+                                      text_features=text_features, category_idx=category_idx)
+            dense = dense.expand(boxes.shape[0], -1, -1, -1)
         bias = None
         if point_coords is not None:
             tokens, point_bias = self.prompt_encoder.point_tokens(point_coords, point_labels)

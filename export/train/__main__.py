@@ -1,6 +1,7 @@
-"""``python -m mcp_medsam_torch.train train|distill --option value ...``: the configs as a command line.
+"""``python -m mcp_medsam_torch.train train|distill|train-clicks --option value ...``: the configs as a command line.
 
-Options are generated from :class:`~.loop.TrainConfig` and :class:`~.distill.DistillConfig`
+Options are generated from :class:`~.loop.TrainConfig`, :class:`~.distill.DistillConfig` and
+:class:`~.clicks.ClickConfig`
 (``data_dirs`` -> ``--data-dirs A B``, booleans as ``--flag/--no-flag``, ``none`` for an optional
 value). This is the script to give torchrun for multi-GPU training::
 
@@ -52,6 +53,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m mcp_medsam_to
     from mcp_medsam_torch.checkpoints import CheckpointError
     from mcp_medsam_torch.clip import ClipError
 
+    from .clicks import ClickConfig, run_click_training
     from .data import DataError
     from .distill import DistillConfig, run_distillation
     from .loop import TrainConfig, run_training
@@ -60,6 +62,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m mcp_medsam_to
     sub = ap.add_subparsers(dest="command", required=True)
     _parser_for(TrainConfig, sub, "train")
     _parser_for(DistillConfig, sub, "distill")
+    _parser_for(ClickConfig, sub, "train-clicks")
     ns = vars(ap.parse_args(argv))
     cls = ns.pop("_cls")
     command = ns.pop("command")
@@ -68,7 +71,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m mcp_medsam_to
     except ValueError as exc:
         ap.error(str(exc))
     try:
-        path = run_training(cfg) if command == "train" else run_distillation(cfg)
+        run = {"train": run_training, "distill": run_distillation, "train-clicks": run_click_training}[command]
+        path = run(cfg)
     except (CheckpointError, ClipError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
