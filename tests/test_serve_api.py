@@ -281,7 +281,7 @@ def test_native_formats_upload_as_the_format_reader_reads_them(api, rel, modalit
     ({"boxes": [[1, 2, 3]]}, 422, "box 1 has 3 numbers; a 2D image takes [x0, y0, x1, y1]"),
     ({"boxes": [[600, 600, 700, 700]]}, 422, "lies wholly outside the image"),
     ({"boxes": [[1, 2, 30, 40]] * 65}, 422, "65 boxes; this server takes at most 64"),
-    ({"boxes": [[1, 2, 30, 40]], "modality": "Ultrasound"}, 422, "unknown modality 'Ultrasound'; accepted: CT"),
+    ({"boxes": [[1, 2, 30, 40]], "modality": "Sonar"}, 422, "unknown modality 'Sonar'; accepted: CT"),
     ({"boxes": "x"}, 422, "boxes: Input should be a valid list"),
     ({"boxes": [["a", 2, 3, 4]]}, 422, "boxes.0.0:"),
     ({"boxes": [[1, 2, 30, 40]], "prompt": 1}, 422, "prompt: Extra inputs are not permitted"),
@@ -312,7 +312,7 @@ def test_bad_bodies_and_uploads(api, tmp_path):
         ({"file": ("case.npz", bad_npz.getvalue())}, {}, 422, "missing key(s) boxes"),
         ({"file": ("scan.nii.gz", b"\x1f\x8b not a nifti")}, {"modality": "CT"}, 422, "nifti|scan.nii.gz"),
         ({"file": ("series.zip", b"PK\x03\x04 broken")}, {"modality": "CT"}, 422, "not a readable .zip file"),
-        ({"file": ("scan.png", PNG.read_bytes())}, {"modality": "Ultrasound"}, 422, "unknown modality"),
+        ({"file": ("scan.png", PNG.read_bytes())}, {"modality": "Sonar"}, 422, "unknown modality"),
         ({"file": ("scan.png", PNG.read_bytes())}, {"window": "40"}, 422, "expected LEVEL,WIDTH"),
         ({"file": ("scan.png", PNG.read_bytes())}, {"organ": "lung"}, 422, "unknown form field 'organ'"),
     ]
