@@ -100,6 +100,7 @@ def write_timing(path: Path, results: list[CaseResult]) -> None:
     """Merge this run's rows into the timing CSV, atomically and under a lock on its folder: rows of
     other cases (an earlier run's, a concurrent run's) are kept, this run's replace those of its cases."""
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # made with the first row, not before the model loads
         with folder_lock(path.parent):
             rows = _read_rows(path)
             rows.update((r.case, _row(r)) for r in results)

@@ -252,9 +252,9 @@ def segment(
     modality: str = typer.Option(..., "--modality", "-m", help="CT, MR, PET, XRay, US, Mammography, Endoscopy, Fundus, Dermoscopy, Microscopy, OCT (and aliases; case ignored)."),
     box: Optional[list[str]] = typer.Option(None, "--box", help="A box in voxel indices, inclusive: x0,y0,x1,y1 (2D) or x0,y0,z0,x1,y1,z1 (3D); x = column, y = row, z = slice. Repeatable; labels 1..N in order."),
     boxes: Optional[Path] = typer.Option(None, "--boxes", help='JSON file whose key "boxes" holds a list of boxes, each 4 or 6 numbers as --box takes them (or maps input file names to such lists; schema in README); labels 1..N.'),
-    boxes_from: Optional[Path] = typer.Option(None, "--boxes-from", help="Label image on the same grid (several INPUTs: a folder of them named like the inputs): one tight box per label value; the output keeps those values."),
+    boxes_from: Optional[Path] = typer.Option(None, "--boxes-from", help="Label image on the same grid (several INPUTs: a folder of them, named like the inputs or with _label/_mask/_seg/_gt): one tight box per label value; the output keeps those values. A soft 0..255 mask is thresholded at half its range (with a note); pictures are refused."),
     min_size: int = typer.Option(10, "--min-size", help="--boxes-from: labels of fewer pixels/voxels get no box (the challenge's rule)."),
-    mask_threshold: Optional[float] = typer.Option(None, "--mask-threshold", help="--boxes-from: binarise the label image, values above T are label 1 (e.g. 127 for a soft 0..255 mask). Default: labels as they are; JPEG: 127."),
+    mask_threshold: Optional[float] = typer.Option(None, "--mask-threshold", help="--boxes-from: binarise label images holding values above T (values above T are label 1; e.g. 127 for a soft 0..255 mask); label images with no value above T are kept as they are. Default: labels as they are; JPEG: 127; a soft mask: half its range."),
     window: Optional[str] = typer.Option(None, "--window", help="LEVEL,WIDTH: clip native values to LEVEL +- WIDTH/2, then 0..255. Default: CT volumes 40,400 (HU); other volumes 0.5..99.5 percentiles of voxels > 0; 8-bit 2D as is; 16-bit/float 2D and grey microscopy: 0.5..99.5 percentiles."),
     series: Optional[str] = typer.Option(None, "--series", help="SeriesInstanceUID to read from a DICOM folder holding several series. Default: the folder's only series."),
     out_format: Optional[str] = typer.Option(None, "--format", help="Folder OUTPUT: write every result as this type (nii.gz, nii, nrrd, mha, png, tif, bmp, npz). Default: the input's own (.nii.gz for DICOM, .png for JPEG)."),
@@ -267,6 +267,8 @@ def segment(
     part_id: Optional[str] = typer.Option(None, "--part-id", help="The part to run, 0..N-1 (every N-th INPUT from the I-th), or 'auto': $SLURM_ARRAY_TASK_ID (less $SLURM_ARRAY_TASK_MIN), else $JOB_COMPLETION_INDEX. Default: none (needs --num-parts 1)."),
     skip_existing: bool = typer.Option(False, "--skip-existing/--no-skip-existing", help="Resume: keep an output that reads back as labels on the input's grid; redo a truncated or unreadable one."),
     precision: Optional[str] = typer.Option(None, "--precision", callback=_precision, help=PRECISION_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs. Default: an existing output is refused before the model loads."),
+    max_image_mb: float = typer.Option(2048.0, "--max-image-mb", help="Largest decoded input or label image in MiB (native values), checked from the file's header before decoding; larger inputs fail."),
 ) -> None:
     """Segment medical images in their own formats.
 
@@ -281,7 +283,8 @@ def segment(
                       series=series, window=window, min_size=min_size, mask_threshold=mask_threshold,
                       out_format=out_format, weights=weights, backend=backend, threads=threads,
                       max_batch=max_batch, cache_dir=cache_dir, num_parts=num_parts, part_id=part_id,
-                      skip_existing=skip_existing, precision=precision)
+                      skip_existing=skip_existing, precision=precision, overwrite=overwrite,
+                      max_image_mb=max_image_mb)
     failed = [r for r in results if r.status not in ("ok", "skipped")]
     total = sum(r.seconds for r in results)
     typer.echo(f"{len(results) - len(failed)}/{len(results)} inputs segmented in {total:.1f} s", err=True)

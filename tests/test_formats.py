@@ -359,3 +359,30 @@ def test_suffixes_and_names():
     assert medical.suffix("A.NII.GZ") == ".nii.gz" and medical.stem("case_01.nii.gz") == "case_01"
     assert medical.output_suffix("x.jpg") == ".png" and medical.output_suffix("x.mhd") == ".mha"
     assert medical.output_suffix(FORMATS / "dicom" / "STS-001-CT" / "image") == ".nii.gz"
+
+
+def test_prompt_labels_judge_what_the_file_looks_like(tmp_path):
+    """``read_prompt_labels`` (``segment --boxes-from``): a soft mask is thresholded at half its range with a
+    note; a picture is refused; --mask-threshold leaves a label map with no value above it as it is."""
+    import cv2
+
+    mask = medical.read_image(FORMATS / "bmp" / "IMD003_mask.bmp").array
+    cv2.imwrite(str(tmp_path / "soft.png"), cv2.GaussianBlur(mask, (0, 0), 2.0))
+    notes: list[str] = []
+    soft = medical.read_prompt_labels(tmp_path / "soft.png", notes=notes)
+    assert len(np.unique(medical.read_labels(tmp_path / "soft.png").array)) > 100  # read as it is: grey levels
+    assert set(np.unique(soft.array).tolist()) == {0, 1} and len(notes) == 1
+    assert "looks like a soft mask" in notes[0] and "values above 127.5 are label 1" in notes[0]
+    with pytest.raises(InputError, match="a picture, not a label image"):
+        medical.read_prompt_labels(FORMATS / "png" / "CHNCXR-0001-0_image.png")
+    with pytest.raises(InputError, match="a colour picture"):
+        medical.read_prompt_labels(FORMATS / "bmp" / "IMD003_image.bmp")
+    notes.clear()
+    nrrd = medical.read_prompt_labels(FORMATS / "nrrd" / "brain1_label.nrrd", threshold=127, notes=notes)
+    assert nrrd.array.max() == 1 and "--mask-threshold 127 not applied to brain1_label.nrrd" in notes[0]
+    # Label maps stay label maps: the hippocampus' 1/2, the 23 nuclei, a 0/255 mask.
+    for name, values in (("nifti/hippocampus_001_label.nii.gz", 3), ("tiff/GOWT1-t01_mask.tif", 24),
+                         ("bmp/IMD003_mask.bmp", 2)):
+        notes.clear()
+        assert len(np.unique(medical.read_prompt_labels(FORMATS / name, notes=notes).array)) == values
+        assert notes == []

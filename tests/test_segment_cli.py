@@ -50,7 +50,7 @@ def _segment_case(case: str, out_dir: Path, weights: tuple[str, ...]) -> Path:
     proc = run_cli("segment", str(FORMATS / image), "-o", str(out), "-m", modality, "--boxes-from",
                    str(FORMATS / labels), *extra, *THREADS, *weights)
     assert proc.returncode == 0, proc.stderr
-    assert f"-> {out} (" in proc.stdout and "1/1 inputs segmented" in proc.stderr
+    assert f"-> {out} (" in proc.stdout and "1 inputs: 1 segmented" in proc.stderr
     return out
 
 
@@ -212,7 +212,7 @@ def test_bad_inputs_fail_alone_with_one_line_and_write_nothing(tmp_path, tiny_ex
     for line, message in zip(lines, expected):
         assert message in line, (line, message)
     assert CT_UID in lines[3]
-    assert "1/6 inputs segmented" in proc.stderr
+    assert "6 inputs: 1 segmented, 0 kept from an earlier run, 5 failed" in proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["CHNCXR-0001-0_image.png"]  # nothing else, no temp file
     # --series picks one of the two; a 2D box for a volume is refused.
     proc = run_cli("segment", str(two), "-o", str(tmp_path / "one.nii.gz"), "-m", "CT", "--series", CT_UID,
@@ -256,13 +256,57 @@ def test_bad_prompts_fail_with_one_line_and_write_nothing(tmp_path, tiny_export)
     (("-m", "XRay", "--box", "1,2,3"), "3 numbers; expected x0,y0,x1,y1 (2D) or x0,y0,z0,x1,y1,z1 (3D)"),
     (("-m", "XRay", "--box", "1,2,3,4", "--window", "40"), "--window '40': expected LEVEL,WIDTH"),
     (("-m", "XRay", "--box", "1,2,3,4", "--format", "jpg"), "--format 'jpg': expected one of nii.gz"),
+    (("-m", "XRay", "--box", "1,2,3,4", "--overwrite", "--skip-existing"), "--overwrite and --skip-existing cannot"),
 ])
 def test_usage_errors_exit_2_before_the_model_loads(args, message, tmp_path):
     png = FORMATS / "png" / "CHNCXR-0001-0_image.png"
-    proc = run_cli("segment", str(png), "-o", str(tmp_path / "o"), *args, "--weights", str(tmp_path / "none"))
+    proc = run_cli("segment", str(png), "-o", f"{tmp_path / 'o'}/", *args, "--weights", str(tmp_path / "none"))
     assert proc.returncode == 2, proc.stderr
     lines = _error_lines(proc.stderr)
     assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("output, message", [
+    ("x.vtk", "-o {tmp}/x.vtk: segment cannot write .vtk files; give a file name ending in one of .nii.gz"),
+    ("x.nii.gz.bak", "segment cannot write .bak files"),
+    ("results", "-o {tmp}/results: neither an existing folder nor a file name with an extension"),
+])
+def test_an_output_that_is_neither_a_label_file_nor_a_folder_is_refused_before_the_model_loads(output, message,
+                                                                                                tmp_path):
+    png = FORMATS / "png" / "CHNCXR-0001-0_image.png"
+    proc = run_cli("segment", str(png), "-o", str(tmp_path / output), "-m", "XRay", "--box", "1,2,30,40",
+                   "--weights", str(tmp_path / "none"))
+    assert proc.returncode == 2, proc.stderr
+    lines = _error_lines(proc.stderr)
+    assert len(lines) == 1 and message.format(tmp=tmp_path) in lines[0], proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_output_is_an_existing_folder_or_ends_in_a_slash(tmp_path, tiny_export):
+    png = FORMATS / "png" / "CHNCXR-0001-0_image.png"
+    w = ("-m", "XRay", "--box", "70,62,260,406", "--weights", str(tiny_export), *THREADS)
+    (tmp_path / "existing.d").mkdir()
+    for out, written in ((tmp_path / "existing.d", tmp_path / "existing.d" / png.name),
+                         (f"{tmp_path / 'new.d'}/", tmp_path / "new.d" / png.name)):
+        proc = run_cli("segment", str(png), "-o", str(out), *w)
+        assert proc.returncode == 0, proc.stderr
+        assert f"-> {written} (" in proc.stdout and written.is_file()
+
+
+def test_an_existing_output_is_kept_unless_overwrite(tmp_path, tiny_export):
+    png = FORMATS / "png" / "CHNCXR-0001-0_image.png"
+    out = tmp_path / "lungs.png"
+    out.write_bytes(b"an earlier result")
+    w = ("-m", "XRay", "--box", "70,62,260,406", "--weights", str(tiny_export), *THREADS)
+    proc = run_cli("segment", str(png), "-o", str(out), *w)
+    assert proc.returncode == 1
+    lines = _error_lines(proc.stderr)
+    assert len(lines) == 1 and "lungs.png exists already; refusing to replace it (--overwrite replaces" in lines[0]
+    assert out.read_bytes() == b"an earlier result"
+    proc = run_cli("segment", str(png), "-o", str(out), "--overwrite", *w)
+    assert proc.returncode == 0, proc.stderr
+    assert medical.read_labels(out).array.max() == 1
 
 
 def test_output_checks(tmp_path, tiny_export):
@@ -277,6 +321,89 @@ def test_output_checks(tmp_path, tiny_export):
     assert proc.returncode == 2 and "2 inputs: OUTPUT is a folder" in proc.stderr
     proc = run_cli("segment", str(png), "-o", str(tmp_path / "o.jpg"), "-m", "XRay", "--box", "1,2,3,4", *w)
     assert proc.returncode == 2 and "JPEG is lossy" in proc.stderr
-    proc = run_cli("segment", str(png), "-o", str(tmp_path / "o.png"), "-m", "Ultrasound", "--box", "1,2,3,4", *w)
-    assert proc.returncode == 1 and "unknown modality 'Ultrasound'; accepted: CT, MR" in proc.stderr
+    proc = run_cli("segment", str(png), "-o", str(tmp_path / "o.png"), "-m", "Sonar", "--box", "1,2,3,4", *w)
+    assert proc.returncode == 1 and "unknown modality 'Sonar'; accepted: CT, MR" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
+
+
+# ---------------------------------------------------------------- label images that are not label maps
+
+
+def _soft_mask(path: Path) -> Path:
+    """A real 0/255 lesion mask with anti-aliased edges, saved as a PNG (as many datasets store masks)."""
+    import cv2
+
+    mask = medical.read_image(FORMATS / "bmp" / "IMD003_mask.bmp").array
+    cv2.imwrite(str(path), cv2.GaussianBlur(mask, (0, 0), 2.0))
+    return path
+
+
+def test_a_soft_mask_is_thresholded_at_half_its_range_with_a_note(tmp_path, tiny_export):
+    image = FORMATS / "bmp" / "IMD003_image.bmp"
+    soft = _soft_mask(tmp_path / "IMD003_soft.png")
+    assert len(np.unique(medical.read_image(soft).array)) > 100  # grey edges, not labels
+    w = ("-m", "Dermoscopy", "--weights", str(tiny_export), *THREADS)
+    proc = run_cli("segment", str(image), "-o", str(tmp_path / "auto.png"), "--boxes-from", str(soft), *w)
+    assert proc.returncode == 0, proc.stderr
+    notes = [ln for ln in proc.stderr.splitlines() if "looks like a soft mask" in ln]
+    assert len(notes) == 1 and "thresholded at half its range, values above 127.5 are label 1" in notes[0]
+    proc = run_cli("segment", str(image), "-o", str(tmp_path / "told.png"), "--boxes-from", str(soft),
+                   "--mask-threshold", "127", *w)
+    assert proc.returncode == 0, proc.stderr
+    auto = medical.read_labels(tmp_path / "auto.png").array
+    assert set(np.unique(auto).tolist()) == {0, 1}  # one object, never grey levels
+    np.testing.assert_array_equal(auto, medical.read_labels(tmp_path / "told.png").array)
+
+
+def test_an_image_given_as_its_own_labels_or_a_picture_as_labels_is_refused(tmp_path, tiny_export):
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    sources = {"a.png": "png/CHNCXR-0001-0_image.png", "b.bmp": "bmp/IMD003_image.bmp",
+               "c.tif": "tiff/GOWT1-t01_image.tif", "d.nii.gz": "nifti/STS-001-PET_image.nii.gz"}
+    for name, src in sources.items():
+        shutil.copy(FORMATS / src, images / name)
+        shutil.copy(FORMATS / src, labels / name)  # a copy of the image where its labels belong
+    w = ("-m", "XRay", "--weights", str(tiny_export), *THREADS)
+    proc = run_cli("segment", *(str(images / n) for n in sources), "-o", str(tmp_path / "out"),
+                   "--boxes-from", str(labels), *w)
+    assert proc.returncode == 1
+    lines = _error_lines(proc.stderr)
+    expected = ["a.png: label image a.png: a picture, not a label image: 254 distinct values, and 89% of "
+                "neighbouring pixels differ (in a label map only region borders do)",
+                "b.bmp: label image b.bmp: a colour picture (its channels differ), not a label image",
+                "c.tif: label image c.tif: a picture, not a label image: 47 distinct values, and 85% of",
+                "d.nii.gz: label image d.nii.gz: fractional values"]
+    assert len(lines) == 4, proc.stderr
+    for line, message in zip(lines, expected):
+        assert message in line, (line, message)
+    # The input itself: as the file, and as the folder that holds the inputs.
+    png = images / "a.png"
+    proc = run_cli("segment", str(png), "-o", str(tmp_path / "self.png"), "--boxes-from", str(png), *w)
+    assert proc.returncode == 1 and "--boxes-from" in _error_lines(proc.stderr)[0]
+    assert "is the input itself" in proc.stderr
+    proc = run_cli("segment", str(png), "-o", str(tmp_path / "self.png"), "--boxes-from", str(images), *w)
+    assert proc.returncode == 1
+    assert "the only label image for a.png in" in proc.stderr and "is the input itself" in proc.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "self.png").exists()
+
+
+def test_a_folder_of_image_files_is_a_batch_with_labels_by_suffix(tmp_path, tiny_export):
+    """A folder of native files (a 0/1 NRRD label map beside a soft PNG mask, labels named *_label and
+    *_mask in the same folder) segments as a batch; --mask-threshold binarises only the mask that needs it."""
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    for src in ("nrrd/brain1_image.nrrd", "nrrd/brain1_label.nrrd", "png/CHNCXR-0001-0_image.png",
+                "png/CHNCXR-0001-0_mask.png"):
+        shutil.copy(FORMATS / src, batch)
+    out = tmp_path / "out"
+    proc = run_cli("segment", str(batch), "-o", f"{out}/", "-m", "MR", "--boxes-from", str(batch),
+                   "--mask-threshold", "127", "--weights", str(tiny_export), *THREADS)
+    assert proc.returncode == 0, proc.stderr
+    assert (f"note: {batch}: a folder of 2 image file(s), segmented as a batch: CHNCXR-0001-0_image.png, "
+            f"brain1_image.nrrd; left out as label images: CHNCXR-0001-0_mask.png, brain1_label.nrrd") in proc.stderr
+    assert "--mask-threshold 127 not applied to brain1_label.nrrd: no value lies above it" in proc.stderr
+    assert "2 inputs: 2 segmented" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["CHNCXR-0001-0_image.png", "brain1_image.nrrd"]
+    for name in ("CHNCXR-0001-0_image.png", "brain1_image.nrrd"):
+        assert set(np.unique(medical.read_labels(out / name).array).tolist()) == {0, 1}

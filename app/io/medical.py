@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ import numpy as np
 from ..errors import InputError, SegmentationError
 from ..locale_guard import keep_locale
 from ..modality import accepted_token, canonical
+from . import headers
+from .npz import DEFAULT_MAX_IMAGE_BYTES
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -142,43 +145,65 @@ def _itk_reason(exc: BaseException) -> str:
 
 
 @keep_locale()
-def read_image(path: str | Path, *, series: str | None = None) -> MedicalImage:
+def read_image(path: str | Path, *, series: str | None = None,
+               max_bytes: int | None = DEFAULT_MAX_IMAGE_BYTES) -> MedicalImage:
     """Read an image file or a DICOM series folder; every problem is one InputError line.
 
     path: ``.nii``/``.nii.gz``, ``.nrrd``/``.nhdr``, ``.mha``/``.mhd``, ``.dcm``, a folder holding a
     DICOM image series (subfolders included; RTSTRUCT/SEG objects are skipped), ``.png``/``.jpg``/
     ``.jpeg``/``.bmp``/``.tif``/``.tiff`` or a CVPR24 ``.npz`` case. series: the SeriesInstanceUID
-    to read from a folder holding several series.
+    to read from a folder holding several series. max_bytes: the largest decoded image (native
+    values, all channels), checked from the header before anything is decoded (TooLarge above it;
+    None: no limit).
+
+    Hostile files are refused from their headers (:mod:`mcp_medsam.io.headers`): a header naming
+    another file for its data (NRRD ``data file``, MetaImage ``ElementDataFile`` other than LOCAL,
+    NIfTI pair headers), a NIfTI shorter than its header declares or holding NaN/infinite values,
+    anything that is not a regular file (a FIFO would block the reader).
     """
     path = Path(path)
-    if path.is_dir():
-        return _read_dicom_series(path, series)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:
+        raise InputError(f"cannot read {path} ({exc.strerror})") from None
+    if mode is not None and stat.S_ISDIR(mode):
+        return _read_dicom_series(path, series, max_bytes)
     if series is not None:
         raise InputError("--series applies to a DICOM series folder, not to a file")
-    if not path.exists():
+    if mode is None:
         raise InputError("no such file or folder")
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{_kind(mode)}, not a regular file; refused")
     s = suffix(path)
     if not s:
         raise InputError(f"unknown file type; accepted: {', '.join(sorted(SUFFIXES))} "
                          f"or a DICOM series folder")
     fmt = FORMATS[s]
     if fmt == "npz":
-        return _read_npz(path)
+        return _read_npz(path, max_bytes)
     if s in PICTURE_SUFFIXES:
-        return _read_picture(path, fmt)
-    return _read_volume(path, fmt)
+        return _read_picture(path, fmt, max_bytes)
+    return _read_volume(path, fmt, max_bytes)
 
 
-def _read_npz(path: Path) -> MedicalImage:
+def _kind(mode: int) -> str:
+    return ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
+
+
+def _read_npz(path: Path, max_bytes: int | None) -> MedicalImage:
     from .npz import load_case
 
-    case = load_case(path)
+    case = load_case(path, max_image_bytes=max_bytes if max_bytes is not None else 1 << 62)
     return MedicalImage(array=case.image, is_3d=case.is_3d, source=path, format="npz", boxes=case.boxes)
 
 
-def _read_picture(path: Path, fmt: str) -> MedicalImage:
+def _read_picture(path: Path, fmt: str, max_bytes: int | None) -> MedicalImage:
     import cv2
 
+    headers.check_picture(path, fmt, max_bytes)  # the declared grid against the limit, before decoding
     try:
         data = np.fromfile(path, np.uint8)
     except OSError as exc:
@@ -223,13 +248,33 @@ def _from_sitk(img: Any, path: Path, fmt: str, series_uid: str | None = None) ->
                         direction=tuple(float(v) for v in img.GetDirection()), series_uid=series_uid)
 
 
-def _read_volume(path: Path, fmt: str) -> MedicalImage:
+def _declared_bytes(sitk: Any, reader: Any) -> tuple[int, str]:
+    """The decoded bytes an ImageFileReader's header information declares, and the grid as text."""
+    size = reader.GetSize()
+    bits = re.findall(r"(\d+)-bit", sitk.GetPixelIDValueAsString(reader.GetPixelID()))
+    item = (int(bits[0]) // 8 if bits else 8) * (2 if "complex" in sitk.GetPixelIDValueAsString(reader.GetPixelID())
+                                                  else 1)
+    nbytes = int(np.prod(size, dtype=np.int64)) * max(reader.GetNumberOfComponents(), 1) * item
+    return nbytes, "x".join(map(str, size))
+
+
+def _read_volume(path: Path, fmt: str, max_bytes: int | None) -> MedicalImage:
+    # Refused from the header text, before SimpleITK opens anything the header names.
+    if fmt == "nrrd":
+        headers.check_nrrd(path)
+    elif fmt == "metaimage":
+        headers.check_metaimage(path)
+    nifti = headers.nifti_header(path) if fmt == "nifti" else None
     sitk = _sitk()
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.SetImageIO(_ITK_IO[fmt])  # the format the suffix names, not a guess from the content
     try:
         reader.ReadImageInformation()
+        nbytes, grid = _declared_bytes(sitk, reader)
+        headers.check_size(nbytes, max_bytes, f"an image of {grid} (x first)")
+        if nifti is not None:
+            headers.check_nifti_data(path, nifti)  # ITK fills a short file with zeros and NaN with 0
         size = reader.GetSize()
         if len(size) == 4 and size[3] == 1:
             reader.SetExtractIndex((0, 0, 0, 0))
@@ -263,12 +308,20 @@ def dicom_series(folder: str | Path) -> dict[str, list[str]]:
     sitk = _sitk()
     folder = Path(folder)
     uids: list[str] = []
-    for d, _, _ in sorted(os.walk(folder)):
+    for d, _, names in sorted(os.walk(folder)):
+        for name in names:  # GDCM opens every file it scans: a FIFO would block it for ever
+            try:
+                mode = os.stat(os.path.join(d, name)).st_mode
+            except OSError:
+                continue  # a broken link: GDCM skips what it cannot open
+            if not stat.S_ISREG(mode):
+                rel = os.path.relpath(os.path.join(d, name), folder)
+                raise InputError(f"the folder holds {rel}, {_kind(mode)}; refused (only regular files are read)")
         uids += [u for u in sitk.ImageSeriesReader.GetGDCMSeriesIDs(d) if u not in uids]
     return {u: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), u, recursive=True)) for u in uids}
 
 
-def _read_dicom_series(folder: Path, series: str | None) -> MedicalImage:
+def _read_dicom_series(folder: Path, series: str | None, max_bytes: int | None) -> MedicalImage:
     sitk = _sitk()
     found = dicom_series(folder)
     if not found:
@@ -282,6 +335,7 @@ def _read_dicom_series(folder: Path, series: str | None) -> MedicalImage:
     uid = series if series is not None else next(iter(found))
     if uid not in found:
         raise InputError(f"no DICOM series {uid}; the folder holds {', '.join(found)}")
+    _check_series_size(sitk, found[uid], max_bytes)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(found[uid])  # GDCM applies each slice's rescale slope and intercept (CT: HU)
     reader.MetaDataDictionaryArrayUpdateOn()
@@ -291,6 +345,25 @@ def _read_dicom_series(folder: Path, series: str | None) -> MedicalImage:
         raise InputError(f"cannot read DICOM series {uid} ({_itk_reason(exc)})") from None
     _check_even_slices(reader, img)
     return _from_sitk(img, folder, "dicom", series_uid=uid)
+
+
+def _check_series_size(sitk: Any, files: list[str], max_bytes: int | None) -> None:
+    """TooLarge when a series' files declare (Rows x Columns x frames per file, summed) more decoded
+    bytes than ``max_bytes``: checked from every file's header, since ITK decodes each slice as its
+    own header sizes it before it compares slices."""
+    total, grids = 0, set()
+    for name in files:
+        r = sitk.ImageFileReader()
+        r.SetFileName(name)
+        r.SetImageIO("GDCMImageIO")
+        try:
+            r.ReadImageInformation()
+        except RuntimeError as exc:
+            raise InputError(f"cannot read DICOM file {Path(name).name} ({_itk_reason(exc)})") from None
+        nbytes, grid = _declared_bytes(sitk, r)
+        total += nbytes
+        grids.add(grid)
+        headers.check_size(total, max_bytes, f"a series of {len(files)} files ({', '.join(sorted(grids))}, x first)")
 
 
 def _check_even_slices(reader: Any, img: Any) -> None:
@@ -386,27 +459,121 @@ def to_uint8(image: MedicalImage, modality: str, *, window: tuple[float, float] 
 
 
 @keep_locale()
-def read_labels(path: str | Path, *, threshold: float | None = None, series: str | None = None) -> MedicalImage:
+def read_labels(path: str | Path, *, threshold: float | None = None, series: str | None = None,
+                max_bytes: int | None = DEFAULT_MAX_IMAGE_BYTES) -> MedicalImage:
     """A label image: the same file types as :func:`read_image` (an ``.npz`` holds it as ``gts`` or
     ``segs``), values 0 = background, 1.. = labels; returned as uint8, or uint16 above 255.
 
     threshold: binarise (values > threshold are label 1); a JPEG is thresholded at 127 unless told
     otherwise (its compression blurs label values). Colour label images must have equal channels.
     Raises InputError for negative, fractional or too large (> 65535) values; every message starts
-    with ``label image NAME:``.
+    with ``label image NAME:``. max_bytes: as :func:`read_image`.
     """
     path = Path(path)
     try:
-        return _read_labels(path, threshold, series)
+        image = _read_label_file(path, series, max_bytes)
+        return _as_labels(image, threshold)
     except InputError as exc:
         raise InputError(f"label image {path.name}: {exc}") from None
 
 
-def _read_labels(path: Path, threshold: float | None, series: str | None) -> MedicalImage:
+# A soft mask: a uint8 picture of at least this many grey values whose top value holds at least half
+# of the non-zero pixels (the object), the other values rare (its blurred or anti-aliased edge).
+SOFT_MASK_VALUES = 16
+# A picture, not a label map: of this many distinct values or more, with more than PICTURE_CHANGES of
+# the horizontally neighbouring pixel pairs (at least one non-zero) differing. Label maps change only
+# at region borders (measured on the sample label images: 0.03 to 0.20; a blurred mask 0.18), pictures
+# nearly everywhere (0.85 to 0.98: X-ray, MR, microscopy, dermoscopy images).
+PICTURE_VALUES = 8
+PICTURE_CHANGES = 0.5
+# More distinct values than a label map plausibly has, in any type (each would become a box).
+MAX_PROMPT_LABELS = 1024
+
+
+def neighbour_changes(labels: np.ndarray) -> float:
+    """The fraction of horizontally neighbouring pixel pairs, among those with a non-zero pixel, whose
+    values differ; labels (H, W) or (D, H, W), one slice at a time (no copy of a whole volume)."""
+    differ = pairs = 0
+    for a in (labels if labels.ndim == 3 else [labels]):
+        left, right = a[:, :-1], a[:, 1:]
+        some = (left != 0) | (right != 0)
+        differ += int(np.count_nonzero((left != right) & some))
+        pairs += int(np.count_nonzero(some))
+    return differ / pairs if pairs else 0.0
+
+
+@keep_locale()
+def read_prompt_labels(path: str | Path, *, threshold: float | None = None, series: str | None = None,
+                       max_bytes: int | None = DEFAULT_MAX_IMAGE_BYTES, notes: list[str] | None = None
+                       ) -> MedicalImage:
+    """A label image whose labels become box prompts (``segment --boxes-from``): :func:`read_labels`,
+    judged first as what the file looks like.
+
+    - A soft mask (uint8, :data:`SOFT_MASK_VALUES` or more grey values, the top one holding at least
+      half of the non-zero pixels, constant inside like a label map) without ``threshold`` is
+      thresholded at half its range, with a note: its grey edge values are no labels.
+    - Refused with the reason: a colour picture; a picture (:data:`PICTURE_VALUES` or more values,
+      neighbouring pixels differing nearly everywhere: :func:`neighbour_changes` above
+      :data:`PICTURE_CHANGES`); more than :data:`MAX_PROMPT_LABELS` distinct values; float values
+      that are not whole numbers; negative values.
+    - ``threshold`` applies only where a value lies above it: a 0/1 or 0..N label map is kept as it
+      is (with a note), so one threshold can serve a batch that mixes soft masks and label maps.
+
+    notes: where the one-line notes go. Returns uint8/uint16 labels as :func:`read_labels`.
+    """
+    path = Path(path)
+    notes = notes if notes is not None else []
+    try:
+        image = _read_label_file(path, series, max_bytes)
+        a = image.array
+        if not image.is_3d and a.ndim == 3 and not (np.array_equal(a[:, :, 0], a[:, :, 1])
+                                                     and np.array_equal(a[:, :, 0], a[:, :, 2])):
+            raise InputError("a colour picture (its channels differ), not a label image; labels are one "
+                             "grey value per pixel")
+        grey = a[:, :, 0] if not image.is_3d and a.ndim == 3 else a
+        if threshold is None and image.format == "jpeg":
+            threshold = JPEG_MASK_THRESHOLD
+        if threshold is not None:
+            if grey.size and np.issubdtype(grey.dtype, np.number) and not (grey > threshold).any():
+                notes.append(f"--mask-threshold {threshold:g} not applied to {path.name}: no value lies above it "
+                             f"(values {grey.min():g}..{grey.max():g} are taken as labels)")
+                threshold = None
+            return _as_labels(image, threshold)
+        if grey.dtype == np.uint8 and grey.size:
+            counts = np.bincount(grey.ravel(), minlength=256)
+            values = np.flatnonzero(counts[1:]) + 1
+            labelled = int(counts[1:].sum())
+            if (len(values) >= SOFT_MASK_VALUES and counts[values[-1]] * 2 >= labelled
+                    and neighbour_changes(grey) <= PICTURE_CHANGES):
+                lo, hi = int(grey.min()), int(values[-1])
+                half = (lo + hi) / 2
+                notes.append(f"{path.name} looks like a soft mask ({len(values)} grey values, most of them rare): "
+                             f"thresholded at half its range, values above {half:g} are label 1 "
+                             f"(--mask-threshold T to choose)")
+                return _as_labels(image, half)
+        labels = _as_labels(image, None)
+        n = len(np.unique(labels.array)) - 1 if labels.array.size else 0
+        if n >= PICTURE_VALUES and (changes := neighbour_changes(labels.array)) > PICTURE_CHANGES:
+            raise InputError(f"a picture, not a label image: {n} distinct values, and {changes:.0%} of neighbouring "
+                             f"pixels differ (in a label map only region borders do); a soft mask? binarise it "
+                             f"with --mask-threshold T")
+        if n > MAX_PROMPT_LABELS:
+            raise InputError(f"{n} distinct label values, more than a label image plausibly has "
+                             f"({MAX_PROMPT_LABELS}); an image given as labels? (--mask-threshold T binarises it)")
+        return labels
+    except InputError as exc:
+        raise InputError(f"label image {path.name}: {exc}") from None
+
+
+def _read_label_file(path: Path, series: str | None, max_bytes: int | None) -> MedicalImage:
     if not path.is_dir() and suffix(path) == NPZ_SUFFIX:
-        image = _read_npz_labels(path)
-    else:
-        image = read_image(path, series=series)
+        return _read_npz_labels(path)
+    return read_image(path, series=series, max_bytes=max_bytes)
+
+
+def _as_labels(image: MedicalImage, threshold: float | None) -> MedicalImage:
+    """An image's values as labels: binarised above ``threshold``, else checked to be whole numbers
+    0..65535 and stored as uint8/uint16 (a JPEG is thresholded at 127 unless told otherwise)."""
     a = image.array
     if not image.is_3d and a.ndim == 3:
         if not (np.array_equal(a[:, :, 0], a[:, :, 1]) and np.array_equal(a[:, :, 0], a[:, :, 2])):
@@ -429,7 +596,7 @@ def _read_labels(path: Path, threshold: float | None, series: str | None) -> Med
         if top > MAX_LABEL_VALUE:
             raise InputError(f"label value {top:g} is above {MAX_LABEL_VALUE}")
         a = a.astype(np.uint8 if top <= 255 else np.uint16)
-    return MedicalImage(array=np.ascontiguousarray(a), is_3d=image.is_3d, source=path, format=image.format,
+    return MedicalImage(array=np.ascontiguousarray(a), is_3d=image.is_3d, source=image.source, format=image.format,
                         spacing=image.spacing, origin=image.origin, direction=image.direction,
                         series_uid=image.series_uid)
 

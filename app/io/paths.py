@@ -79,28 +79,58 @@ def list_cases(folder: Path, suffix: str = ".npz") -> tuple[list[Path], list[str
     return files, skipped
 
 
+def same_place(a: str | Path, b: str | Path) -> bool:
+    """Whether two existing paths are one file or folder, by identity (device and inode): a bind
+    mount, a second mount of one folder, a symbolic or hard link all count as the same."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def within(inner: str | Path, outer: str | Path) -> bool:
+    """Whether ``inner`` (existing or not) is ``outer`` or lies under it, by identity: each existing
+    ancestor of ``inner`` (symbolic links resolved) is compared with ``outer`` by device and inode,
+    so a bind mount or another mount of ``outer`` is seen through."""
+    path = Path(inner).resolve()
+    for p in (path, *path.parents):
+        if p.exists() and same_place(p, outer):
+            return True
+    return False
+
+
 def _nesting(out: Path, inputs: Iterable[str | Path], what: str) -> None:
     for inp in inputs:
-        src = Path(inp).resolve()
+        src = Path(inp)
         if not src.is_dir():
             continue
-        if out == src:
-            raise InputError(f"{what} {out} is the input folder: the results would replace the inputs; "
+        if same_place(out, src):
+            raise InputError(f"{what} {out} is the input folder {src}: the results would replace the inputs; "
                              f"choose another folder")
-        if src in out.parents:
+        if within(out, src):
             raise InputError(f"{what} {out} is inside the input folder {src}; choose a folder outside it")
-        if out in src.parents:
+        if out.exists() and within(src, out):
             raise InputError(f"the input folder {src} is inside the {what} {out}; choose a folder outside it")
+
+
+def _nearest_existing(path: Path) -> Path:
+    for p in (path, *path.parents):
+        if p.exists():
+            return p
+    return Path(path.anchor or ".")
 
 
 @_guarded
 def check_output_dir(folder: str | Path, *, inputs: Iterable[str | Path] = (), what: str = "output folder") -> Path:
-    """Make ``folder`` ready for results and return it resolved, or raise one InputError.
+    """Check that ``folder`` can take results and return it resolved, or raise one InputError.
 
     Refused: a file; a path under a file; the input folder itself, a folder inside an input
-    folder, or one that contains an input folder (``inputs``: folders; files are ignored here, see
+    folder, or one that contains an input folder (``inputs``: folders, compared by identity, so a
+    bind mount or link of an input folder is refused too; files are ignored here, see
     :func:`check_output_file`); a folder that cannot be created or written (checked by creating and
-    removing a temp file, which also catches read-only file systems and ACLs). Creates the folder.
+    removing a temp file in it, or in its nearest existing ancestor, which also catches read-only
+    file systems and ACLs). The folder is not created here: the first result written creates it
+    (:func:`mcp_medsam.io.atomic.atomic_file`), so a run that fails before writing leaves nothing.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -110,16 +140,15 @@ def check_output_dir(folder: str | Path, *, inputs: Iterable[str | Path] = (), w
         raise InputError(f"{what} {folder} cannot be created: {under} is a file")
     resolved = folder.resolve()
     _nesting(resolved, inputs, what)
+    base = _nearest_existing(resolved)
     try:
-        resolved.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create {what} {folder} ({_why(exc)})") from None
-    try:
-        fd, probe = tempfile.mkstemp(dir=resolved, prefix=".write-check.", suffix=TEMP_SUFFIX)
+        fd, probe = tempfile.mkstemp(dir=base, prefix=".write-check.", suffix=TEMP_SUFFIX)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise InputError(f"{what} {folder} is not writable ({_why(exc)})") from None
+        if base == resolved:
+            raise InputError(f"{what} {folder} is not writable ({_why(exc)})") from None
+        raise InputError(f"cannot create {what} {folder} ({base} is not writable: {_why(exc)})") from None
     return resolved
 
 
@@ -135,10 +164,10 @@ def check_output_file(path: str | Path, *, inputs: Iterable[str | Path] = (), wh
         raise InputError(f"{what} {path} cannot be created: {under} is a file")
     resolved = path.resolve()
     for inp in inputs:
-        src = Path(inp).resolve()
-        if resolved == src:
+        src = Path(inp)
+        if same_place(resolved, src) or resolved == src.resolve():
             raise InputError(f"{what} {path} is an input file; choose another name")
-        if src.is_dir() and src in resolved.parents:
+        if src.is_dir() and within(resolved.parent, src):
             raise InputError(f"{what} {path} is inside the input folder {src}; choose a place outside it")
     check_output_dir(resolved.parent, what=f"folder of the {what}")
     return resolved
