@@ -9,9 +9,13 @@ Everything is measured side by side in one run:
   (:func:`mcp_medsam.evaluation.agreement.label_agreement`) and, with ground truth, the DSC;
 - cold runs: one process per case and precision, as the challenge times it (compile cache present),
   with the peak resident memory of that process; cold - warm is the cold start;
-- the same cases through the PyTorch model (when the export extra is installed).
-Per case: the FLOPs of the graph calls actually made (per-graph FLOPs from the manifest), the floor
-seconds (FLOPs / measured throughput) and the ratios.
+- the same cases through the PyTorch model (when the export extra is installed);
+- with ``baseline``: another model folder (the same model exported with ``--no-fold``: the crop CNN
+  still in the per-box graph) at FP32 in the same rotation (rows ``base-fp32``), its agreement with
+  FP32's labels, and every row's speed-up over it (``xb``).
+Per case: the FLOPs of the graph calls actually made (per-graph FLOPs from each folder's manifest: what
+its graphs really compute, a folded crop CNN not counted), the floor seconds (FLOPs / measured
+throughput) and the ratios.
 """
 
 from __future__ import annotations
@@ -51,6 +55,9 @@ class BenchRow:
     status: str = "ok"
 
 
+BASE = "base-fp32"  # the row label of the baseline folder, run at FP32
+
+
 @dataclass
 class BenchReport:
     weights: str
@@ -60,6 +67,7 @@ class BenchReport:
     cpu: str = ""
     rows: list[BenchRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    baseline: str = ""
 
 
 def matmul_throughput(n: int = 2048, repeats: int = 7) -> float:
@@ -150,11 +158,11 @@ def _dsc_scorer(gts: Path | None) -> tuple[Callable[[Path, Path], float] | None,
 def run_bench(inputs: Path, *, weights: Path | None = None, cold: bool = True,
               torch_engine: Callable[..., Any] | None = None, threads: int | None = None, max_batch: int = 8,
               json_path: Path | None = None, precisions: list[str] | None = None,
-              gts: Path | None = None) -> BenchReport:
+              gts: Path | None = None, baseline: Path | None = None) -> BenchReport:
     """torch_engine: a factory ``(manifest, threads=...) -> engine`` with the Engine interface (the
     PyTorch side's TorchEngine), timed on the same cases through the same Segmenter; None: no column.
     precisions: see :func:`bench_precisions`; gts: ground truth for the DSC column (None: INPUT/../gts
-    when it exists)."""
+    when it exists); baseline: another model folder run at FP32 beside them (rows ``base-fp32``)."""
     from .evaluation.agreement import label_agreement
 
     files = case_files(inputs)
@@ -166,11 +174,17 @@ def run_bench(inputs: Path, *, weights: Path | None = None, cold: bool = True,
         gts = Path(inputs).parent / "gts"
     score, why = _dsc_scorer(gts)
     notes += [why] if why else []
+    # Row label -> (model folder, precision it runs at).
+    setups = {p: (weights, manifest, p) for p in chosen}
+    if baseline is not None:
+        setups[BASE] = (Path(baseline), load_manifest(baseline), "fp32")
+        chosen = [*chosen, BASE]
     tp_before = matmul_throughput()
-    segs = {p: Segmenter(Engine(manifest, cache_dir=cache_dir, threads=threads, precision=p), max_batch=max_batch)
-            for p in chosen}
+    segs = {k: Segmenter(Engine(m, cache_dir=cache_dir, threads=threads, precision=p), max_batch=max_batch)
+            for k, (_, m, p) in setups.items()}
     report = BenchReport(weights=str(weights), precision=manifest.precision, throughput_gflops=0.0,
-                         precisions=chosen, cpu=cpu_features().summary(), notes=notes)
+                         precisions=chosen, cpu=cpu_features().summary(), notes=notes,
+                         baseline=str(baseline) if baseline is not None else "")
     with tempfile.TemporaryDirectory() as tmp:
         tmpd = Path(tmp)
         outs = {p: tmpd / p for p in chosen}
@@ -204,7 +218,8 @@ def run_bench(inputs: Path, *, weights: Path | None = None, cold: bool = True,
                 for k in range(len(chosen)):
                     p = chosen[(i + k) % len(chosen)]
                     row = by[(f.name, p)]
-                    row.cold_s, row.cold_rss_mb, status = _cold_run(f, weights, cache_dir, tmpd / "cold", max_batch, p)
+                    row.cold_s, row.cold_rss_mb, status = _cold_run(f, setups[p][0], cache_dir, tmpd / "cold",
+                                                                    max_batch, setups[p][2])
                     if status != "ok":
                         row.status = f"cold {status}"
         if torch_engine is not None:
@@ -237,11 +252,12 @@ def _num(x: float, fmt: str) -> str:
     return format(x, fmt) if x == x else "-"
 
 
-def _line(r: BenchRow, tp: float, fp32_warm: float) -> str:
+def _line(r: BenchRow, tp: float, fp32_warm: float, base_warm: float = float("nan")) -> str:
     floor = r.gflops / tp
     other = 100 * (r.warm_s - r.graph_s) / r.warm_s if r.warm_s > 0 else float("nan")
-    return (f"{r.case[:44]:<44} {r.precision:<5} {r.boxes:>4} {r.slices:>3} {r.gflops:>7.0f} {floor:>8.2f} "
-            f"{r.warm_s:>7.2f} {_ratio(r.warm_s, floor):>5} {_ratio(fp32_warm, r.warm_s):>5} {other:>5.1f} "
+    return (f"{r.case[:44]:<44} {r.precision:<9} {r.boxes:>4} {r.slices:>3} {r.gflops:>7.0f} {floor:>8.2f} "
+            f"{r.warm_s:>7.2f} {_ratio(r.warm_s, floor):>5} {_ratio(fp32_warm, r.warm_s):>5} "
+            f"{_ratio(base_warm, r.warm_s):>5} {other:>5.1f} "
             f"{_num(r.agreement, '.4f'):>6} {_num(r.dsc, '.2f'):>6} {r.cold_s:>7.2f} {_ratio(r.cold_s, floor):>5} "
             f"{r.cold_rss_mb:>7.0f} {r.torch_s:>8.2f} {_ratio(r.torch_s, r.warm_s):>5}"
             + ("" if r.status == "ok" else f"  [{r.status}]"))
@@ -300,24 +316,29 @@ def _bars(rows: list[BenchRow], precision: str) -> str:
 
 def format_report(rep: BenchReport) -> str:
     tp = rep.throughput_gflops
-    head = (f"{'case':<44} {'prec':<5} {'box':>4} {'sl':>3} {'GFLOP':>7} {'floor s':>8} {'warm s':>7} {'w/fl':>5} "
-            f"{'x32':>5} {'pp %':>5} {'agree':>6} {'DSC':>6} {'cold s':>7} {'c/fl':>5} {'RSS MB':>7} {'torch s':>8} "
-            f"{'t/w':>5}")
+    head = (f"{'case':<44} {'prec':<9} {'box':>4} {'sl':>3} {'GFLOP':>7} {'floor s':>8} {'warm s':>7} {'w/fl':>5} "
+            f"{'x32':>5} {'xb':>5} {'pp %':>5} {'agree':>6} {'DSC':>6} {'cold s':>7} {'c/fl':>5} {'RSS MB':>7} "
+            f"{'torch s':>8} {'t/w':>5}")
     sep = "-" * len(head)
     precisions = rep.precisions or list(dict.fromkeys(r.precision for r in rep.rows))
     fp32 = {r.case: r.warm_s for r in rep.rows if r.precision == "fp32"}
+    base = {r.case: r.warm_s for r in rep.rows if r.precision == BASE}
+    nan = float("nan")
     lines = [f"CPU: {rep.cpu}",
              f"weights {rep.weights} ({rep.precision}); floor = FLOPs / {tp:.0f} GFLOP/s (fp32 matmul, OpenVINO)",
-             head, sep, *(_line(r, tp, fp32.get(r.case, float("nan"))) for r in rep.rows), sep]
+             *([f"{BASE}: {rep.baseline} at fp32"] if rep.baseline else []),
+             head, sep, *(_line(r, tp, fp32.get(r.case, nan), base.get(r.case, nan)) for r in rep.rows), sep]
     totals = {p: _total([r for r in rep.rows if r.precision == p], p) for p in precisions}
-    lines += [_line(t, tp, totals["fp32"].warm_s if "fp32" in totals else float("nan")) for t in totals.values()]
+    lines += [_line(t, tp, totals["fp32"].warm_s if "fp32" in totals else nan,
+                    totals[BASE].warm_s if BASE in totals else nan) for t in totals.values()]
     for p, t in totals.items():
         n = sum(r.precision == p for r in rep.rows)
         if n and t.cold_s == t.cold_s:
             lines.append(f"{p}: cold start per case (cold - warm, mean) {(t.cold_s - t.warm_s) / n:.2f} s; "
                          f"peak RSS of a cold run {t.cold_rss_mb:.0f} MB")
     lines += [line for p in precisions if p != "fp32" for line in [_bars(rep.rows, p)] if line]
-    lines.append("x32: FP32's warm seconds / these; agree: mean Dice of each label (2D) or label-slice (3D) against "
+    lines.append("x32: FP32's warm seconds / these; xb: the baseline's (base-fp32) / these; agree: mean Dice of "
+                 "each label (2D) or label-slice (3D) against "
                  "FP32's labels; DSC: % against the ground truth; pp %: share of a warm case spent outside graph calls")
     lines += [f"note: {s}" for s in rep.notes]
     return "\n".join(lines) + "\n"

@@ -386,6 +386,7 @@ def variants(
     write: bool = typer.Option(True, "--write/--no-write", help="Write the variants that hold the bars into the folder (new files; the FP32 files stay byte-identical)."),
     keep_unvalidated: bool = typer.Option(False, "--keep-unvalidated/--no-keep-unvalidated", help="Where no mix holds the bars, write the closest one anyway, marked unvalidated: auto never runs it, --precision bf16/int8 does."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the study, every mix tried and its figures as JSON."),
+    mix: Optional[list[str]] = typer.Option(None, "--mix", help="Judge only this mix, no study (repeatable): GRAPH:GROUP kept FP32 (GRAPH:* the whole graph), or 'found' for the mix the study found (bf16: encoder FP32, per-box graph bf16 but prompt and transformer layers 0-1). Default: study, then search."),
 ) -> None:
     """Build bf16 / INT8 variants that keep FP32's masks.
 
@@ -403,7 +404,8 @@ def variants(
         report = build_variants(folder, VariantConfig(
             data=data, gts=gts, precisions=tuple(precision), calibration_cases=calibration_cases,
             study_slices=study_slices, chain_slices=chain_slices, max_candidates=max_candidates, study=study, work=work, threads=threads,
-            write=write, keep_unvalidated=keep_unvalidated, json_path=json_path))
+            write=write, keep_unvalidated=keep_unvalidated, json_path=json_path,
+            mix=variant_side.parse_mix(mix or [], precision)))
     except (SegmentationError, RuntimeError) as exc:
         _fail(exc)
     typer.echo(format_report(report), nl=False)
@@ -448,6 +450,7 @@ def bench(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the measurements as JSON."),
     precision: Optional[list[str]] = typer.Option(None, "--precision", callback=_precision, help="Precisions to compare (repeatable; fp32 always runs). Default: fp32 and every variant of the model folder this CPU runs."),
     gts: Optional[Path] = typer.Option(None, "--gts", help="Ground truth for the DSC column. Default: INPUT/../gts when it exists, else no DSC."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="Another model folder run at fp32 in the same rotation (rows base-fp32, speed-up column xb): e.g. the same model exported with --no-fold. Default: none."),
 ) -> None:
     """Seconds per case and precision, warm and cold.
 
@@ -462,7 +465,7 @@ def bench(
     try:
         report = run_bench(inputs, weights=weights, cold=cold, torch_engine=_torch_engine() if with_torch else None,
                            threads=threads, max_batch=max_batch, json_path=json_path, precisions=precision or None,
-                           gts=gts)
+                           gts=gts, baseline=baseline)
     except SegmentationError as exc:
         _fail(exc)
     typer.echo(format_report(report), nl=False)

@@ -61,6 +61,28 @@ BARS = {"2d_box_dice": 0.98, "3d_box_slice_dice": 0.97, "dsc_points": 0.3}
 METHODS = {"bf16": "graph split: f32 and bf16 segments, one OpenVINO precision hint each",
            "int8": "nncf.quantize (PTQ, transformer preset, no SmoothQuant), the f32 groups as its ignored scope"}
 
+# Mixes found by the study (README "Faster precisions"): the groups kept FP32 per graph ("*": all of it).
+MIXES = {"bf16": {"image_encoder": ["*"], "decoder": ["prompt", "transformer.0", "transformer.1"]}}
+
+
+
+def parse_mix(items: Sequence[str], precisions: Sequence[str]) -> dict[str, list[str]] | None:
+    """``--mix`` values: ``GRAPH:GROUP`` (``GRAPH:*`` the whole graph) kept FP32, or ``found`` (the
+    study's mix, :data:`MIXES`, for the one precision asked); none: None (search the mixes)."""
+    if not items:
+        return None
+    if list(items) == ["found"]:
+        if len(precisions) != 1 or precisions[0] not in MIXES:
+            raise ExportError(f"--mix found is known for {', '.join(MIXES)} alone (pass --precision bf16)")
+        return {g: list(v) for g, v in MIXES[precisions[0]].items()}
+    mix: dict[str, list[str]] = {}
+    for item in items:
+        graph, _, group = item.partition(":")
+        if graph not in GRAPHS or not group:
+            raise ExportError(f"--mix {item!r}: expected GRAPH:GROUP with GRAPH one of {', '.join(GRAPHS)}, or 'found'")
+        mix.setdefault(graph, []).append(group)
+    return mix
+
 # CPU features each variant needs to be faster than FP32 (mcp_medsam.engine.CpuFeatures.has).
 REQUIRES = {"bf16": ["BF16"], "int8": ["VNNI"]}
 
@@ -638,6 +660,9 @@ class VariantConfig:
     write: bool = True
     keep_unvalidated: bool = False  # no mix holds the bars: write the closest one anyway (validated false)
     json_path: Path | None = None  # the report, rewritten after the study and after every mix tried
+    # A mix chosen beforehand (graph -> groups kept FP32, "*" = the whole graph): no study, only this
+    # mix is judged (e.g. the one an earlier study found: ``MIXES``).
+    mix: dict[str, list[str]] | None = None
 
 
 @dataclass
@@ -703,6 +728,8 @@ def _variant_files(folder: Path, precision: str, f32_groups: dict[str, list[str]
         xml = manifest.graph_file(g, "openvino")
         ops = GraphOps(_read(xml), RULES[g])
         keep = set(f32_groups.get(g, []))
+        if "*" in keep:
+            keep = set(ops.groups)
         if precision == "bf16":
             segs = split_graph(xml, RULES[g], set(ops.groups) - keep)
             if len(segs) == 1 and segs[0].hint == "f32":
@@ -785,10 +812,15 @@ def build_variants(folder: Path | None, cfg: VariantConfig) -> VariantsReport:
     enc32, dec32 = IR(_read(manifest.graph_file("image_encoder", "openvino"))), IR(_read(
         manifest.graph_file("decoder", "openvino")))
     with tempfile.TemporaryDirectory() as tmp:
-        data = _prompt_data(cases, Path(cfg.data), enc32, dec32, manifest)
-        if cfg.study is not None:
+        # INT8 calibrates on the prompt data and the study measures on it; a given bf16 mix needs neither.
+        data = None if cfg.mix is not None and precisions == ["bf16"] else \
+            _prompt_data(cases, Path(cfg.data), enc32, dec32, manifest)
+        if cfg.mix is not None:
+            report.study = []
+        elif cfg.study is not None:
             report.study = [StudyRow(**r) for r in json.loads(Path(cfg.study).read_text())["study"]]
         else:
+            assert data is not None
             report.study = sensitivity(folder, data, precisions=precisions, max_slices=cfg.study_slices,
                                        chains=chains_of(cases.calibration, cfg.chain_slices), threads=cfg.threads)
         _save(report, cfg.json_path)
@@ -796,7 +828,7 @@ def build_variants(folder: Path | None, cfg: VariantConfig) -> VariantsReport:
         ref = Reference(Segmenter(Engine(manifest, threads=cfg.threads, precision="fp32")), cfg.work)
         best: dict[str, tuple[float, dict[str, Any], list[tuple[Path, Any]]]] = {}
         for precision in precisions:
-            for keep in _mixes(report.study, precision, cfg.max_candidates):
+            for keep in [cfg.mix] if cfg.mix is not None else _mixes(report.study, precision, cfg.max_candidates):
                 cand = Candidate(precision, keep)
                 report.candidates.append(cand)
                 k = sum(map(len, keep.values()))
