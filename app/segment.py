@@ -111,6 +111,8 @@ def read_boxes_file(path: Path) -> Prompts:
     """``--boxes FILE.json``: ``{"boxes": [[...], ...]}`` (every input) or ``{"boxes": {"NAME": [[...]], ...}}``
     (per input file name). Raises InputError naming the file."""
     where = f"boxes file {path.name}"
+    if Path(path).exists() and not _regular(Path(path)):
+        raise InputError(f"boxes file {path} is not a regular file (a FIFO?); refused")
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:

@@ -28,6 +28,7 @@ cv2 = pytest.importorskip("cv2")
 
 from mcp_medsam.errors import InputError, TooLarge  # noqa: E402
 from mcp_medsam.io import medical  # noqa: E402
+from mcp_medsam.segment import read_boxes_file  # noqa: E402
 
 FORMATS = SHARED / "data" / "formats"
 SECRET = (b"TOP-SECRET-0123456789-" * 3)[:64]  # a 16x4 uint8 image
@@ -305,6 +306,9 @@ def test_a_fifo_is_refused_not_read(tmp_path):
         os.mkfifo(series / "000100.dcm")
         with pytest.raises(InputError, match="the folder holds 000100.dcm, a FIFO; refused"):
             medical.read_image(series)
+        os.mkfifo(tmp_path / "boxes.json")
+        with pytest.raises(InputError, match="boxes.json is not a regular file"):
+            read_boxes_file(tmp_path / "boxes.json")
     finally:
         timer.cancel()
 
