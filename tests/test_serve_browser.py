@@ -237,6 +237,23 @@ def test_draw_and_propagate_on_a_nifti_volume(page, seg, tmp_path):
     assert labels.spacing == pytest.approx(native.spacing) and labels.origin == pytest.approx(native.origin)
 
 
+def test_the_page_works_on_a_token_less_server(browser, seg):
+    """Without a token the server answers loopback Host names and its own page's Origin only: the page
+    (opened as http://localhost:PORT/, posting multipart uploads and JSON) is that page."""
+    img = cv2.imread(str(need(PNG)), cv2.IMREAD_GRAYSCALE)
+    with running_server(env={"MCP_MEDSAM_TOKEN": ""}) as (url, _):
+        context = browser.new_context(viewport={"width": 1400, "height": 1000}, bypass_csp=True)
+        pg = context.new_page()
+        pg.goto(url.replace("127.0.0.1", "localhost") + "/")
+        pg.wait_for_function("window.mcpMedsam && window.mcpMedsam.ready && window.mcpMedsam.info")
+        assert pg.is_hidden("#token-field")
+        open_file(pg, PNG, "XRay")
+        drag(pg, to_page(pg, img.shape, 100, 120), to_page(pg, img.shape, 250, 400))
+        settled(pg, 1)
+        np.testing.assert_array_equal(page_labels(pg), seg.segment_image(img, [[100, 120, 250, 400]], "XRay"))
+        context.close()
+
+
 def test_page_reports_a_wrong_token(browser, server):
     context = browser.new_context(bypass_csp=True)
     pg = context.new_page()
