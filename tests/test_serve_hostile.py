@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -170,6 +171,36 @@ def test_a_dicom_zip_is_refused_from_its_headers_before_decoding(server):
         members[f.name] = bytes(data)
     status, answer = upload(port, {"modality": "CT"}, "series.zip", zipped(members))
     assert status == 413 and "65535x65535x1" in answer["detail"] and "(--max-image-mb)" in answer["detail"], answer
+    assert images_held(port) == 0
+
+
+def tiff_header(width: int, height: int, bits: int) -> bytes:
+    """A little-endian TIFF whose one IFD declares a grey width x height picture and holds no pixels."""
+    entries = [(256, 4, width), (257, 4, height), (258, 3, bits), (259, 3, 1), (262, 3, 1), (273, 4, 8),
+               (277, 3, 1), (278, 4, height), (279, 4, width * height * bits // 8)]
+    ifd = struct.pack("<H", len(entries)) + b"".join(
+        struct.pack("<HHII", tag, kind, 1, value) if kind == 4 else struct.pack("<HHIHH", tag, kind, 1, value, 0)
+        for tag, kind, value in entries) + struct.pack("<I", 0)
+    return b"II*\0" + struct.pack("<I", 8) + ifd
+
+
+def test_pictures_are_refused_from_their_headers_before_decoding(server):
+    """A 16000 x 16000 16-bit TIFF (a 1 MB file could be one) is refused from its header: 413, not decoded."""
+    port, _ = server
+    status, answer = upload(port, {"modality": "Microscopy"}, "cells.tif", tiff_header(16000, 16000, 16))
+    assert status == 413 and "16000x16000" in answer["detail"] and "(--max-image-mb)" in answer["detail"], answer
+
+
+def test_a_header_naming_another_file_is_refused(server):
+    """An NRRD whose header names a server file for its data: refused, and no byte of that file comes back."""
+    pytest.importorskip("SimpleITK", reason="the io extra (SimpleITK) is not installed")
+    port, _ = server
+    secret = Path("/etc/hostname") if Path("/etc/hostname").is_file() else Path(__file__)
+    header = (f"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 4 4 1\nencoding: raw\n"
+              f"data file: {secret}\n\n").encode()
+    status, answer = upload(port, {"modality": "MR"}, "scan.nrrd", header)
+    assert status == 422 and "data file" in answer["detail"], answer
+    assert secret.read_text().strip()[:16] not in json.dumps(answer)
     assert images_held(port) == 0
 
 

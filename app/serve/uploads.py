@@ -13,7 +13,6 @@ same order, the array's, where the file has one: the order of NPZ ``spacing`` an
 from __future__ import annotations
 
 import re
-import struct
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,6 +31,9 @@ PAIRED = (".mhd", ".nhdr")
 MAX_ZIP_MEMBERS = 10000
 # A DICOM .zip unpacks to at most this many times --max-image-mb: 16-bit pixels of the largest image taken.
 ZIP_FACTOR = 2
+# The file's own values may take this many times --max-image-mb while they are read (float32 voxels of the
+# largest image taken; the readers check it from the header too, before decoding).
+NATIVE_FACTOR = 4
 # How a picture uploaded without a modality is converted: as any modality but grey microscopy.
 PICTURE_MODALITY = "XRay"
 FORM_FIELDS = ("file", "modality", "window", "series")
@@ -289,12 +291,12 @@ def load_upload(path: Path, *, modality: str | None, window: tuple[float, float]
     if suffix == DICOM_ZIP:
         folder = _unzip_series(path, max_bytes=ZIP_FACTOR * max_bytes)
         _check_series_headers(folder, max_bytes)
-        image = _read_native(lambda: medical.read_image(folder, series=series))
+        image = _read_native(lambda: medical.read_image(folder, series=series, max_bytes=NATIVE_FACTOR * max_bytes))
     else:
         if series is not None:
             raise UploadError("'series' applies to a .zip of a DICOM series")
         _check_header(path, suffix, max_bytes)
-        image = _read_native(lambda: medical.read_image(path))
+        image = _read_native(lambda: medical.read_image(path, max_bytes=NATIVE_FACTOR * max_bytes))
     voxels = int(np.prod(image.shape, dtype=np.int64)) * (1 if image.is_3d else 3)
     if voxels > max_bytes:
         raise _too_large(voxels, max_bytes, f"an image of {'x'.join(map(str, image.shape))}")
@@ -338,20 +340,27 @@ def _read_npz(path: Path, *, max_bytes: int) -> Loaded:
 
 
 def _check_header(path: Path, suffix: str, max_bytes: int) -> None:
-    """Refuse from the header, before decoding, a file whose pixels would exceed ``max_bytes``
-    (PNG: its IHDR chunk; volumes: SimpleITK's image information); other pictures after decoding."""
-    if suffix == ".png":
-        with open(path, "rb") as f:
-            head = f.read(24)
-        if len(head) == 24 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
-            w, h = struct.unpack(">II", head[16:24])
-            if w * h * 3 > max_bytes:
-                raise _too_large(w * h * 3, max_bytes, f"a {w}x{h} picture")
-        return
-    from ..io.medical import PICTURE_SUFFIXES
+    """Refuse from the header, before decoding, a file whose uint8 pixels would exceed ``max_bytes``:
+    pictures (as RGB) by the grid their header declares (:func:`mcp_medsam.io.headers.check_picture`),
+    volumes by SimpleITK's image information, read only after the header text was checked for detached
+    data (:mod:`mcp_medsam.io.headers`: a header never makes a reader open another path)."""
+    from ..io import headers
+    from ..io.medical import FORMATS, PICTURE_SUFFIXES
 
+    fmt = FORMATS[suffix]
     if suffix in PICTURE_SUFFIXES:
+        try:
+            declared = headers.check_picture(path, fmt, None)
+        except InputError:
+            return  # read_image gives the reason
+        voxels = declared.width * declared.height * 3
+        if voxels > max_bytes:
+            raise _too_large(voxels, max_bytes, f"a {declared.width}x{declared.height} picture")
         return
+    if fmt == "nrrd":
+        headers.check_nrrd(path)
+    elif fmt == "metaimage":
+        headers.check_metaimage(path)
     try:
         import SimpleITK as sitk
     except ImportError:
