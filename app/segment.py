@@ -426,7 +426,7 @@ def segment(inputs: Sequence[Path], output: str | Path, *, modality: str, box: S
         for o in outs:
             check_output_file(o, inputs=sources)
     if not (overwrite or skip_existing):
-        existing = [o for o in outs if o.exists()]
+        existing = [o for _, o in part.select(list(zip(inputs, outs)), key=lambda pair: str(pair[0])) if o.exists()]
         if existing:
             raise InputError(f"{_names(existing)} exist{'s' if len(existing) == 1 else ''} already; refusing to "
                              f"replace {'it' if len(existing) == 1 else 'them'} (--overwrite replaces, "
