@@ -229,9 +229,9 @@ def check_nrrd(path: Path) -> None:
         raise InputError("not a readable nrrd file (no NRRD magic)")
     for line in lines[1:]:
         line = line.rstrip("\r")
-        if line.startswith("#") or ":=" in line or ":" not in line:
+        if line.startswith("#") or ":" not in line:
             continue
-        key, value = line.split(":", 1)
+        key, value = line.split(":", 1)  # a "data file:=..." key/value line is refused too: no doubt left
         if _key(key) == "datafile":
             raise _detached(".nrrd", f"data file: {value.strip()[:80]}")
 
