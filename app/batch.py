@@ -233,9 +233,21 @@ def case_modality(segmenter: Segmenter, name: str, default: str | None) -> str:
 
 def segment_case(segmenter: Segmenter, case: Case, modality: str) -> np.ndarray:
     """(H, W) or (D, H, W) labels of one loaded case (CVPR25: each box from its ``z_mid``, label = target
-    index + 1)."""
-    if case.is_3d:
+    index + 1). A click round (``clicks``) is segmented with the boxes and every click so far
+    (:meth:`Segmenter.refine_volume` from ``prev_pred`` in 3D); a box-only model does the box round
+    and says so in the case's notes."""
+    clicks = case.clicks > 0
+    if clicks and not segmenter.supports_points:
+        case.notes += ("clicks ignored: the model takes box prompts only, so this is the box round",)
+        clicks = False
+    if case.is_3d and clicks:
+        segs = segmenter.refine_volume(case.image, case.boxes, modality, points=case.points,
+                                       point_labels=case.point_labels, prev=case.prev_by_box(), starts=case.starts)
+    elif case.is_3d:
         segs = segmenter.segment_volume(case.image, case.boxes, modality, starts=case.starts)
+    elif clicks:
+        segs = segmenter.segment_image(case.image, case.boxes, modality, points=case.points,
+                                       point_labels=case.point_labels)
     else:
         segs = segmenter.segment_image(case.image, case.boxes, modality)
     return case.relabel(segs)

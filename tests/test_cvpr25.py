@@ -1,4 +1,4 @@
-"""The CVPR 2025 interactive 3D layout in predict: boxes as one dict per target, clicks and prev_pred ignored.
+"""The CVPR 2025 interactive 3D layout in predict: boxes as one dict per target (the box round).
 
 A CVPR25 case written from a sample volume segments exactly as its CVPR24 twin when z_mid is the
 middle slice; each box starts from its z_mid; a target without a box keeps the label numbering;
@@ -31,7 +31,7 @@ def cvpr25_boxes(boxes: np.ndarray, z_mid=None) -> list[dict | None]:
     return out
 
 
-def write_cvpr25(path, imgs, boxes, *, clicks=True, **extra) -> None:
+def write_cvpr25(path, imgs, boxes, *, clicks=False, **extra) -> None:
     arrays = {"imgs": imgs, "spacing": np.array([1.0, 1.0, 1.0])}
     if boxes is not None:
         arrays["boxes"] = np.array(boxes, dtype=object)
@@ -50,7 +50,7 @@ def tiny(tiny_export) -> Segmenter:
 
 def test_cvpr25_case_segments_as_its_cvpr24_twin(tiny_export, tmp_path):
     """Through the real CLI: the CVPR25 file (name without the 3DBox_ prefix, as the challenge names
-    them) gives the same segs as the CVPR24 file, and one note per case says what was ignored."""
+    them) gives the same segs as the CVPR24 file (click rounds: tests/test_interactive.py)."""
     v24, v25 = tmp_path / "cvpr24", tmp_path / "cvpr25"
     v24.mkdir()
     v25.mkdir()
@@ -66,8 +66,7 @@ def test_cvpr25_case_segments_as_its_cvpr24_twin(tiny_export, tmp_path):
         assert proc.returncode == 0, proc.stderr
         assert "Traceback" not in proc.stderr
         outs[folder.name] = proc
-    notes = [ln for ln in outs["cvpr25"].stderr.splitlines() if ": note: " in ln]
-    assert len(notes) == len(TWINS) and all("clicks and prev_pred ignored" in ln for ln in notes), notes
+    assert not [ln for ln in outs["cvpr25"].stderr.splitlines() if ": note: " in ln]
     for name in TWINS:
         twin = tmp_path / "out-cvpr25" / name.removeprefix("3DBox_")
         with np.load(tmp_path / "out-cvpr24" / name) as a, np.load(twin) as b:
@@ -117,8 +116,8 @@ def test_a_target_without_a_box_keeps_the_label_numbering(tiny, tmp_path):
 
 def test_a_case_without_boxes_fails_with_a_clear_message(tmp_path):
     path = tmp_path / "CT_clicks_only.npz"
-    write_cvpr25(path, np.zeros((4, 20, 20), np.uint8), None)
-    with pytest.raises(InputError, match="no boxes: this CVPR 2025 case gives only clicks"):
+    write_cvpr25(path, np.zeros((4, 20, 20), np.uint8), None, clicks=True)
+    with pytest.raises(InputError, match="no boxes: this case gives only clicks, and the model needs a box"):
         load_case(path)
 
 

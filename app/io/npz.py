@@ -8,9 +8,16 @@ Coordinates are inclusive pixel indices. ``spacing`` is optional (inference does
 CVPR 2025 (interactive 3D) layout: ``imgs`` (D, H, W), ``boxes`` a list with one dict per target
 (``z_min``, ``z_max``, ``z_mid``, ``z_mid_x_min``, ``z_mid_y_min``, ``z_mid_x_max``, ``z_mid_y_max``;
 None or absent for a target without a box, which then gets no segmentation: label = target index
-+ 1), ``clicks`` and ``prev_pred`` (ignored: the model takes box prompts only). Such a ``boxes``
-member is a pickle; it is read by an unpickler that builds nothing but numpy arrays, dtypes and
-scalars, lists, dicts, numbers and strings, and refuses any other global without running it.
++ 1). Such a ``boxes`` member is a pickle; it is read by an unpickler that builds nothing but numpy
+arrays, dtypes and scalars, lists, dicts, numbers and strings, and refuses any other global without
+running it.
+
+Click rounds (CVPR 2025; 2D CVPR24 cases take the same keys): ``clicks`` one dict per target
+(``{"fg": [[z, y, x], ...], "bg": [...]}``, array indices; ``[y, x]`` in 2D, one dict per box),
+``clicks_order`` per target the kind of each round's click (``"fg"``, ``"bg"`` or None: no click
+that round), ``prev_pred`` the previous round's segs. They become :attr:`Case.points` /
+:attr:`Case.point_labels` (x, y(, z) per box, in the order the clicks were made) and
+:attr:`Case.prev`; both pickles go through the same restricted unpickler.
 
 The archive is read member by member through the npy headers: dtype, shape and size are checked
 before anything is decompressed, the boxes before ``imgs`` is read, and an ``imgs`` larger than a
@@ -32,7 +39,7 @@ import numpy as np
 
 from ..errors import InputError, TooLarge
 from ..preprocess import check_image
-from ..prompts import check_boxes, label_dtype
+from ..prompts import check_boxes, check_points, label_dtype
 
 DEFAULT_MAX_IMAGE_BYTES = 2 << 30  # 2 GiB decompressed: leaves room for the model in an 8 GB container
 MAX_BOXES_BYTES = 16 << 20  # a boxes member; 65535 boxes of 6 int64 are 3 MiB
@@ -52,6 +59,22 @@ class Case:
     targets: int | None = None  # labels in use (N unless ``labels`` is given)
     notes: tuple[str, ...] = ()  # one line each for the user (e.g. ignored CVPR25 members)
     layout: str = "cvpr24"
+    points: np.ndarray | None = None  # (N, P, 2 or 3) int64 x, y(, z) clicks per box, oldest first; None: none
+    point_labels: np.ndarray | None = None  # (N, P) int64 1 fg, 0 bg, -1 padding
+    prev: np.ndarray | None = None  # the previous round's segs (the case's labels), shaped like the output
+
+    @property
+    def clicks(self) -> int:
+        """Clicks given for the boxes (0 for a box round)."""
+        return 0 if self.point_labels is None else int((self.point_labels >= 0).sum())
+
+    def prev_by_box(self) -> np.ndarray | None:
+        """``prev`` in box labels 1..N (:meth:`relabel` undone; labels of targets without a box -> 0)."""
+        if self.prev is None or self.labels is None:
+            return self.prev
+        lut = np.zeros(max(int(self.prev.max(initial=0)), int(self.labels.max(initial=0))) + 1, np.int64)
+        lut[self.labels] = np.arange(1, len(self.labels) + 1)
+        return lut[self.prev]
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -126,14 +149,14 @@ class _Archive:
         f.close()
         return h
 
-    def array(self, key: str, *, max_bytes: int, limit_hint: str = "") -> np.ndarray:
-        """A numeric member, its size checked against ``max_bytes`` from the header before any data is
-        read, then decompressed straight into the array (no second copy)."""
+    def array(self, key: str, *, max_bytes: int, limit_hint: str = "", kinds: str = "biuf") -> np.ndarray:
+        """A numeric member (dtype kinds ``kinds``), its size checked against ``max_bytes`` from the header
+        before any data is read, then decompressed straight into the array (no second copy)."""
         f, h = self._open(key)
         with f:
             if h.dtype.hasobject:
                 raise InputError(f"{key} has dtype object (a pickled array); expected numbers")
-            if h.dtype.kind not in "biuf":
+            if h.dtype.kind not in kinds:
                 raise InputError(f"{key} has dtype {h.dtype}; expected numbers")
             if h.nbytes > max_bytes:
                 raise TooLarge(f"{key} is {_mib(h.nbytes)} when decompressed (shape {h.shape}, {h.dtype}); "
@@ -237,6 +260,107 @@ def _cvpr25_boxes(raw: Any, dims: tuple[int, int, int]) -> tuple[np.ndarray, np.
     return checked, np.array(starts, np.int64), np.array(labels, np.int64), len(items)
 
 
+# ---------------------------------------------------------------- the click rounds
+
+
+def _entries(raw: Any, key: str) -> list[Any]:
+    """A member holding one entry per target (a pickled list or object array, or a plain array) -> its entries."""
+    if isinstance(raw, np.ndarray) and raw.ndim >= 1:
+        return list(raw)
+    if isinstance(raw, (list, tuple)):
+        return list(raw)
+    raise InputError(f"{key} is a {type(raw).__name__}; expected a list with one entry per target")
+
+
+def _member(npz: _Archive, key: str, kinds: str) -> Any:
+    """A small member: a pickle through the restricted unpickler, or a plain array of dtype kinds ``kinds``."""
+    if npz.header(key).dtype.hasobject:
+        return npz.pickled(key, max_bytes=MAX_BOXES_BYTES)
+    return npz.array(key, max_bytes=MAX_BOXES_BYTES, kinds=kinds)
+
+
+def _click_list(value: Any, where: str, k: int) -> list[list[float]]:
+    """A list of clicks (each k array indices) -> floats, each value checked to be a number."""
+    if isinstance(value, np.ndarray):
+        value = list(value)
+    if not isinstance(value, (list, tuple)):
+        raise InputError(f"{where} is a {type(value).__name__}; expected a list of clicks")
+    out = []
+    for j, c in enumerate(value):
+        if isinstance(c, np.ndarray):
+            c = list(c.reshape(-1)) if c.ndim == 1 else c
+        if not isinstance(c, (list, tuple)) or len(c) != k:
+            raise InputError(f"{where} click {j + 1} is {c!r}; expected {k} array indices "
+                             f"({'[z, y, x]' if k == 3 else '[y, x]'})")
+        out.append([_coordinate(v, f"{where} click {j + 1}") for v in c])
+    return out
+
+
+def _clicks(npz: _Archive, targets: int, box_of_target: dict[int, int], dims: tuple[int, ...]
+            ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """``clicks`` (+ ``clicks_order``) -> (N, P, k) int64 x, y(, z) per box, (N, P) int64 labels
+    (1 fg, 0 bg, -1 padding), oldest click first, and notes. dims: (W, H[, D]), k = len(dims);
+    box_of_target: target index -> box row (targets without a box are left out)."""
+    k = len(dims)
+    items = _entries(_member(npz, "clicks", ""), "clicks")
+    if len(items) != targets:
+        raise InputError(f"clicks has {len(items)} entries for {targets} target(s); expected one dict per target")
+    order: list[Any] | None = None
+    if "clicks_order" in npz.members:
+        order = _entries(_member(npz, "clicks_order", "U"), "clicks_order")
+        if len(order) != targets:
+            raise InputError(f"clicks_order has {len(order)} entries for {targets} target(s)")
+    per_box: list[tuple[list[list[float]], list[int]]] = [([], []) for _ in box_of_target]
+    lost, notes = [], []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not set(item) <= {"fg", "bg"}:
+            keys = f" with keys {', '.join(map(str, item))}" if isinstance(item, dict) else ""
+            raise InputError(f"clicks entry {i + 1} is a {type(item).__name__}{keys}; expected a dict of fg and bg "
+                             f"lists")
+        fg = _click_list(item.get("fg", []), f"clicks entry {i + 1} fg", k)
+        bg = _click_list(item.get("bg", []), f"clicks entry {i + 1} bg", k)
+        if order is None:
+            kinds = ["fg"] * len(fg) + ["bg"] * len(bg)
+        else:
+            kinds = [v for v in _entries(order[i], f"clicks_order entry {i + 1}") if v is not None and v != "None"]
+            if kinds.count("fg") != len(fg) or kinds.count("bg") != len(bg) or len(kinds) != len(fg) + len(bg):
+                shown = [str(v) for v in kinds][:12]
+                raise InputError(f"clicks_order entry {i + 1} ({', '.join(shown)}) does not match its clicks "
+                                 f"({len(fg)} fg, {len(bg)} bg)")
+        if i not in box_of_target:
+            if kinds:
+                lost.append(str(i + 1))
+            continue
+        pts, labels = per_box[box_of_target[i]]
+        queues = {"fg": iter(fg), "bg": iter(bg)}
+        for kind in kinds:
+            pts.append(next(queues[kind])[::-1])  # array indices (z, y, x) -> x, y, z as the boxes
+            labels.append(1 if kind == "fg" else 0)
+    if order is None and any(lab for _, lab in per_box):
+        notes.append("no clicks_order: each target's foreground clicks taken as older than its background clicks")
+    if lost:
+        notes.append(f"clicks of target(s) {', '.join(lost)} ignored: they have no box, and the model needs one")
+    width = max([len(lab) for _, lab in per_box] + [1])
+    raw = np.zeros((len(per_box), width, k), np.float64)
+    kinds_arr = np.full((len(per_box), width), -1, np.int64)
+    for i, (p, lab) in enumerate(per_box):
+        raw[i, : len(p)] = np.array(p, np.float64).reshape(-1, k)
+        kinds_arr[i, : len(lab)] = lab
+    try:
+        pts, labels = check_points(raw, kinds_arr, len(per_box), dims)
+    except InputError as exc:
+        raise InputError(f"clicks: {exc}") from None
+    return pts, labels, tuple(notes)
+
+
+def _prev(npz: _Archive, shape: tuple[int, ...], max_bytes: int) -> tuple[np.ndarray | None, tuple[str, ...]]:
+    """``prev_pred`` when it is integer labels shaped like the output, else None and a note."""
+    h = npz.header("prev_pred")
+    if h.dtype.hasobject or h.dtype.kind not in "biu" or h.shape != tuple(shape):
+        return None, (f"prev_pred ({h.shape}, {h.dtype}) ignored: expected integer labels of shape {tuple(shape)}",)
+    return npz.array("prev_pred", max_bytes=max_bytes), ()
+
+
 # ---------------------------------------------------------------- the case
 
 
@@ -296,8 +420,9 @@ def segs_layout(path: str | Path) -> tuple[tuple[int, ...], np.dtype | None]:
 def _read_case(name: str, npz: _Archive, max_image_bytes: int) -> Case:
     keys = set(npz.members)
     missing = [k for k in ("imgs", "boxes") if k not in keys]
-    if "boxes" in missing and "clicks" in keys:
-        raise InputError("no boxes: this CVPR 2025 case gives only clicks, and the model takes box prompts only")
+    if "boxes" in missing and "clicks" in keys and "imgs" in keys:
+        raise InputError("no boxes: this case gives only clicks, and the model needs a box per target (its clicks "
+                         "refine the box's mask)")
     if missing:
         raise InputError(f"missing key(s) {', '.join(missing)} (has: {', '.join(sorted(keys)) or 'none'})")
     img_h = npz.header("imgs")
@@ -317,9 +442,6 @@ def _read_case(name: str, npz: _Archive, max_image_bytes: int) -> Case:
         boxes, starts, labels, targets = _cvpr25_boxes(npz.pickled("boxes", max_bytes=MAX_BOXES_BYTES),
                                                        (shape[2], shape[1], shape[0]))
         is_3d, layout = True, "cvpr25"
-        ignored = [k for k in ("clicks", "prev_pred") if k in keys]
-        if ignored:
-            notes = (f"{' and '.join(ignored)} ignored: the model takes box prompts only, so this is the box round",)
     else:
         raw = npz.array("boxes", max_bytes=MAX_BOXES_BYTES)
         width = _box_width(raw.shape, shape)
@@ -333,8 +455,19 @@ def _read_case(name: str, npz: _Archive, max_image_bytes: int) -> Case:
             raise InputError(f"imgs has shape {shape}; a 2D case (boxes of 4) needs (H, W, 3) or (H, W)")
         dims = (shape[2], shape[1], shape[0]) if is_3d else (shape[1], shape[0])
         boxes = check_boxes(raw, dims)  # before a single byte of imgs is decompressed
+    points = point_labels = prev = None
+    if "clicks" in keys:  # read and checked before imgs too
+        dims = (shape[2], shape[1], shape[0]) if is_3d else (shape[1], shape[0])
+        targets_given = len(boxes) if targets is None else targets
+        rows = {int(t) - 1: j for j, t in enumerate(labels)} if labels is not None else \
+            {i: i for i in range(len(boxes))}
+        points, point_labels, more = _clicks(npz, targets_given, rows, dims)
+        notes += more
     imgs = npz.array("imgs", max_bytes=max_image_bytes,
                      limit_hint=" (raise it with --max-image-mb, or max_image_bytes in load_case)")
     image = check_image(imgs, volume=is_3d, name="imgs")
+    if point_labels is not None and (point_labels >= 0).any() and is_3d and "prev_pred" in keys:
+        prev, more = _prev(npz, image.shape, max_image_bytes)
+        notes += more
     return Case(name=name, image=image, boxes=boxes, is_3d=is_3d, starts=starts, labels=labels, targets=targets,
-                notes=notes, layout=layout)
+                notes=notes, layout=layout, points=points, point_labels=point_labels, prev=prev)
