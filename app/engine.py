@@ -47,9 +47,45 @@ class Runner(Protocol):
     def __call__(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]: ...
 
 
-def _openvino_core(cache_dir: Path | None) -> Any:
-    import openvino as ov
+def openvino_module() -> Any:
+    """``import openvino``, without importing its model-conversion API up front.
 
+    ``openvino/__init__`` imports ``openvino.tools.ovc`` (convert_model: telemetry, the TensorFlow and
+    PyTorch front-end helpers) inside ``try: ... except ImportError``; the runtime only compiles IR, and
+    that import is ~30 % of ``import openvino`` (0.08 s CPU of every cold start here, measured). When openvino is
+    not imported yet, the import is first refused (a None entry in ``sys.modules``, which the
+    ``except`` skips), then allowed again and ``openvino.convert_model`` resolved on first use (PEP
+    562), so the PyTorch side's exporter in the same process still finds it."""
+    import sys
+
+    if "openvino" in sys.modules:
+        import openvino
+
+        return openvino
+    key = "openvino.tools.ovc"
+    blocked = key not in sys.modules
+    if blocked:
+        sys.modules[key] = None  # type: ignore[assignment]
+    try:
+        import openvino
+    finally:
+        if blocked and sys.modules.get(key, 0) is None:
+            del sys.modules[key]
+    if blocked and not hasattr(openvino, "convert_model"):
+        def _lazy(name: str) -> Any:
+            if name == "convert_model":
+                from openvino.tools.ovc import convert_model
+
+                openvino.convert_model = convert_model
+                return convert_model
+            raise AttributeError(f"module 'openvino' has no attribute {name!r}")
+
+        openvino.__getattr__ = _lazy  # type: ignore[attr-defined]
+    return openvino
+
+
+def _openvino_core(cache_dir: Path | None) -> Any:
+    ov = openvino_module()
     core = ov.Core()
     if cache_dir is not None:
         try:
@@ -84,9 +120,7 @@ def compile_openvino(model_or_path: Any, *, precision_hint: str = "f32", threads
 
 @lru_cache(maxsize=1)
 def _weightless_cache() -> bool:
-    import openvino as ov
-
-    return hasattr(ov.properties, "cache_mode")  # OpenVINO 2024.4 and later
+    return hasattr(openvino_module().properties, "cache_mode")  # OpenVINO 2024.4 and later
 
 
 def onnxruntime_session(path: str | Path, *, threads: int | None = None) -> Any:
@@ -127,8 +161,7 @@ class CpuFeatures:
 
 @lru_cache(maxsize=1)
 def cpu_features() -> CpuFeatures:
-    import openvino as ov
-
+    ov = openvino_module()
     core = ov.Core()
     caps = frozenset(str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
     model = str(core.get_property("CPU", "FULL_DEVICE_NAME"))
@@ -392,6 +425,7 @@ def _openvino_runners(manifest: Manifest, precision: str, *, cache_dir: Path | N
 
     chains = {name: manifest.segments(name, precision) for name in manifest.graphs}
     jobs = [seg for segs in chains.values() for seg in segs]
+    openvino_module()  # imported once, here, rather than by the first of the threads
 
     def compile_segment(seg: SegmentSpec) -> Any:
         path = manifest.folder / seg.file

@@ -190,3 +190,16 @@ def seg_feed(seg, emb, boxes):
     return prompts.decoder_feed(embeddings=emb.embedding, embedding_index=np.zeros(len(boxes), np.int64),
                                 boxes=np.stack([prompts.box_to_grid(b, h, w, seg.manifest.image_size) for b in boxes]),
                                 crops=crops, modality_index=np.zeros(len(boxes), np.int64))
+
+
+def test_runtime_imports_openvino_without_its_converter_and_export_still_converts():
+    """The runtime skips openvino.tools.ovc at import (cold start); convert_model, which the exporter
+    calls, still resolves afterwards in the same process."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from mcp_medsam.engine import openvino_module; ov = openvino_module(); "
+            "print('ovc' if 'openvino.tools.ovc' in sys.modules else 'no-ovc'); "
+            "import openvino; print(callable(openvino.convert_model) and 'openvino.tools.ovc' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["no-ovc", "True"]
