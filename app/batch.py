@@ -355,12 +355,17 @@ def case_files(inputs: Path) -> list[Path]:
     return scan_cases(inputs)[0]
 
 
-def _announce(r: CaseResult) -> None:
-    """The case's line on stderr: one per failed case, one per note; none for a plain or skipped case."""
+def _announce(r: CaseResult, done: int = 0, total: int = 0, lines: bool = False) -> None:
+    """The case's lines on stderr: one per failed case, one per note; with ``lines`` (no progress bar:
+    stderr is no terminal) also one for a case that succeeded or was kept, with ``done``/``total``."""
     if r.status not in ("ok", "skipped"):
         print(f"{r.case}: {r.status}: {r.message}", file=sys.stderr, flush=True)
-    elif r.message and r.status == "ok":
+        return
+    if r.message and r.status == "ok":
         print(f"{r.case}: note: {r.message}", file=sys.stderr, flush=True)
+    if lines:
+        what = f"ok, {r.boxes} boxes, {r.seconds:.1f} s" if r.status == "ok" else "kept from an earlier run"
+        print(f"{r.case}: {what} ({done}/{total})", file=sys.stderr, flush=True)
 
 
 def predict_folder(segmenter: Segmenter, files: list[Path], outputs: Path, *, default_modality: str | None = None,
@@ -402,7 +407,7 @@ def predict_folder(segmenter: Segmenter, files: list[Path], outputs: Path, *, de
                 r = run_case(segmenter, path, outputs, default_modality=default_modality, overlays=overlays,
                              max_image_bytes=max_image_bytes, record=record, skip_existing=skip_existing,
                              earlier=earlier.get(path.name))
-                _announce(r)
+                _announce(r, len(results), len(files), lines=not show)
                 if bar is not None:
                     bar.update(1)
     except Interrupted as exc:
@@ -438,7 +443,7 @@ def predict_dask(dask: str, files: list[Path], outputs: Path, *, weights: Path |
         r = CaseResult(**row)
         results.append(r)
         write_timing(timing, results)
-        _announce(r)
+        _announce(r, len(results), len(files), lines=not show)
 
     load = {"weights": str(Path(weights).resolve()) if weights is not None else None, "backend": backend,
             "threads": threads, "cache_dir": str(Path(cache_dir).resolve()) if cache_dir is not None else None,
@@ -531,10 +536,12 @@ def _predict(inputs: Path, outputs: Path, *, weights: Path | None, backend: str,
     return results
 
 
-def summary(results: list[CaseResult], what: str = "cases") -> str:
-    """The closing line of a run: ``K/N cases segmented (S kept from an earlier run) in T s``."""
-    failed = sum(r.status not in ("ok", "skipped") for r in results)
+def summary(results: Sequence[Any], wall_seconds: float, what: str = "cases") -> str:
+    """The closing line of a run (``results``: anything with a ``status``: ok, skipped, failed, error):
+    ``N cases: K segmented, S kept from an earlier run, F failed in T s wall time``. The wall time is
+    the run's own (parts of a cluster run overlap, so per-case seconds would add up to more)."""
+    segmented = sum(r.status == "ok" for r in results)
     kept = sum(r.status == "skipped" for r in results)
-    total = sum(r.seconds for r in results if r.status != "skipped")
-    return (f"{len(results) - failed}/{len(results)} {what} segmented"
-            + (f" ({kept} kept from an earlier run)" if kept else "") + f" in {total:.1f} s")
+    failed = len(results) - segmented - kept
+    return (f"{len(results)} {what}: {segmented} segmented, {kept} kept from an earlier run, {failed} failed "
+            f"in {wall_seconds:.1f} s wall time")

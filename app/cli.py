@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from contextlib import contextmanager
 from typing import Iterator, NoReturn, Optional
@@ -204,6 +205,7 @@ def predict(
     from .io.atomic import Interrupted
 
     set_default_precision(precision)  # read by every model load of the run, Dask workers started here included
+    t0 = time.perf_counter()
     try:
         with _user_errors():
             results = run(inputs, outputs, weights=weights, backend=backend, overlays=overlays,
@@ -214,7 +216,7 @@ def predict(
         typer.echo(f"error: {exc}: {exc.finished} case(s) finished and recorded; the case in flight was "
                    f"abandoned", err=True)
         raise typer.Exit(exc.exit_status)
-    typer.echo(summary(results), err=True)
+    typer.echo(summary(results, time.perf_counter() - t0), err=True)
     raise typer.Exit(1 if any(r.status not in ("ok", "skipped") for r in results) else 0)
 
 
@@ -276,8 +278,10 @@ def segment(
     Intensities as the CVPR24 challenge converted them (see --window). Exit status 0 when every
     input succeeded, 1 when one failed (one 'error:' line each; the others still run), 2 for a
     bad command line. NIfTI, NRRD, MetaImage and DICOM need the io extra (SimpleITK)."""
+    from .batch import summary
     from .segment import segment as run
 
+    t0 = time.perf_counter()
     with _user_errors():
         results = run(inputs, output, modality=modality, box=box or (), boxes=boxes, boxes_from=boxes_from,
                       series=series, window=window, min_size=min_size, mask_threshold=mask_threshold,
@@ -285,10 +289,8 @@ def segment(
                       max_batch=max_batch, cache_dir=cache_dir, num_parts=num_parts, part_id=part_id,
                       skip_existing=skip_existing, precision=precision, overwrite=overwrite,
                       max_image_mb=max_image_mb)
-    failed = [r for r in results if r.status not in ("ok", "skipped")]
-    total = sum(r.seconds for r in results)
-    typer.echo(f"{len(results) - len(failed)}/{len(results)} inputs segmented in {total:.1f} s", err=True)
-    raise typer.Exit(1 if failed else 0)
+    typer.echo(summary(results, time.perf_counter() - t0, "inputs"), err=True)
+    raise typer.Exit(1 if any(r.status not in ("ok", "skipped") for r in results) else 0)
 
 
 def _log_to_stdout(name: str) -> None:
@@ -420,19 +422,20 @@ def evaluate(
     timing: Optional[Path] = typer.Option(None, "--timing", help="Timing CSV written by predict (e.g. OUTPUT/timing.csv): seconds per case by modality."),
     tolerance: float = typer.Option(2.0, "--tolerance", min=0.0, help="NSD tolerance in mm (challenge: 2)."),
     nsd_dsc_gate: bool = typer.Option(True, "--nsd-dsc-gate/--no-nsd-dsc-gate", help="Count NSD as 0 where the case DSC <= 0.2 (challenge rule)."),
+    only_predicted: bool = typer.Option(False, "--only-predicted/--all-cases", help="Score only the ground-truth cases that have a prediction (a run over part of them); else each missing prediction scores 0. The summary counts them either way."),
 ) -> None:
     """Score segmentations with the challenge's DSC and NSD.
 
     Per case, per modality and overall.
     Overall = mean of the modality means (as the paper reports). Exit status 1 when a prediction
-    is missing or broken."""
+    is missing (unless --only-predicted) or broken."""
     try:
         from .evaluation.evaluate import EvaluationError, evaluate_folder, format_table
     except ImportError as exc:  # scipy is the optional "eval" extra
         _fail(RuntimeError(f"evaluate needs {exc.name}: pip install 'mcp-medsam[eval]'"))
     try:
         result = evaluate_folder(segs, gts, csv_path=csv_path, report_dir=report, timing_csv=timing,
-                                 tolerance=tolerance, nsd_dsc_gate=nsd_dsc_gate)
+                                 tolerance=tolerance, nsd_dsc_gate=nsd_dsc_gate, only_predicted=only_predicted)
     except EvaluationError as exc:
         _fail(exc)
     typer.echo(format_table(result), nl=False)

@@ -19,7 +19,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -326,9 +327,31 @@ def _boxes_for(path: Path, image: medical.MedicalImage, prompts: Prompts, series
     return boxes, None, notes
 
 
+@contextmanager
+def _volume_bar(name: str) -> Iterator[Callable[[int, int], None] | None]:
+    """On a terminal, a bar of one input's box-slices as they are decoded (a volume takes minutes); else
+    None: the input's line after it ends is the progress (a log stays one line per input)."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, desc=name[:50], unit="box-slice", file=sys.stderr, dynamic_ncols=True, leave=False)
+
+    def update(done: int, total: int) -> None:
+        bar.total, bar.n = total, done
+        bar.refresh()
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
 def segment_file(segmenter: Segmenter, path: Path, out: Path, *, modality: str, prompts: Prompts,
                  series: str | None = None, window: tuple[float, float] | None = None,
-                 skip_existing: bool = False, max_bytes: int | None = DEFAULT_MAX_IMAGE_BYTES) -> SegmentResult:
+                 skip_existing: bool = False, max_bytes: int | None = DEFAULT_MAX_IMAGE_BYTES,
+                 progress: Callable[[int, int], None] | None = None) -> SegmentResult:
     """Read, convert, prompt, segment and write one input; never raises for a problem with the input.
 
     skip_existing: an existing output that reads back as labels on the input's grid is kept (status
@@ -348,7 +371,7 @@ def segment_file(segmenter: Segmenter, path: Path, out: Path, *, modality: str, 
         if redo is not None:
             result.notes.insert(0, describe_redo(out, redo))
         if image.is_3d:
-            segs = segmenter.segment_volume(pixels, boxes, modality)
+            segs = segmenter.segment_volume(pixels, boxes, modality, progress=progress)
         else:
             segs = segmenter.segment_image(pixels, boxes, modality)
         if values is not None:
@@ -440,9 +463,11 @@ def segment(inputs: Sequence[Path], output: str | Path, *, modality: str, box: S
                                    max_batch=max_batch, precision=precision)
     segmenter.modality_row(modality)  # an unknown modality fails once, before any input
     results = []
-    for path, out in part.select(list(zip(inputs, outs)), key=lambda pair: str(pair[0])):
-        r = segment_file(segmenter, path, out, modality=modality, prompts=prompts, series=series, window=win,
-                         skip_existing=skip_existing, max_bytes=int(max_image_mb * 2 ** 20))
+    mine = part.select(list(zip(inputs, outs)), key=lambda pair: str(pair[0]))
+    for i, (path, out) in enumerate(mine, start=1):
+        with _volume_bar(f"{path.name} ({i}/{len(mine)})") as progress:
+            r = segment_file(segmenter, path, out, modality=modality, prompts=prompts, series=series, window=win,
+                             skip_existing=skip_existing, max_bytes=int(max_image_mb * 2 ** 20), progress=progress)
         for note in r.notes:
             print(f"note: {path}: {note}", file=sys.stderr, flush=True)
         if r.status == "ok":

@@ -107,7 +107,8 @@ def test_flags_and_defaults_are_shown_once():
     text = proc.stdout
     assert "{INPUT}..." in text and "<list" not in text
     assert "--skip-existing / --no-skip-existing" in text
-    options = {o.split()[0]: " ".join(o.split()) for o in re.split(r"\n  (?=-)", text.split("Options:")[1]) if o.strip()}
+    blocks = re.split(r"\n  (?=-)", text.split("Options:")[1])
+    options = {o.split()[0]: " ".join(o.split()) for o in blocks if o.strip()}
     assert options["--min-size"].count("10") == 1 and "[default: 10]" in options["--min-size"], options["--min-size"]
     for option in options.values():
         assert not ("Default:" in option and "[default:" in option), option

@@ -85,7 +85,7 @@ def test_local_cluster_is_bit_identical_to_one_process(inputs, tiny_export, refe
     proc = run_cli("predict", "-i", str(inputs), "-o", str(out), "--weights", str(tiny_export), "--dask", "local:2")
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.returncode == 1, proc.stderr  # the broken case is a failed row, not a failed run
-    assert "7/8 cases segmented" in proc.stderr
+    assert "8 cases: 7 segmented, 0 kept from an earlier run, 1 failed in " in proc.stderr
     assert same(segs_of(out), reference)
     rows = timing_rows(out / "timing.csv")
     assert sorted(r["case"] for r in rows) == sorted(p.name for p in inputs.glob("*.npz"))
@@ -101,7 +101,8 @@ def test_local_cluster_is_bit_identical_to_one_process(inputs, tiny_export, refe
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.npz") if p.name != "2DBox_CT_1.npz"}
     proc = run_cli("predict", "-i", str(inputs), "-o", str(out), "--weights", str(tiny_export), "--dask", "local:2",
                    "--skip-existing")
-    assert proc.returncode == 1 and "(6 kept from an earlier run)" in proc.stderr, proc.stderr
+    assert proc.returncode == 1, proc.stderr
+    assert "8 cases: 1 segmented, 6 kept from an earlier run, 1 failed" in proc.stderr, proc.stderr
     by = {r["case"]: r for r in timing_rows(out / "timing.csv")}
     assert by["2DBox_CT_1.npz"]["status"] == "ok" and "unreadable" in by["2DBox_CT_1.npz"]["message"]
     assert all(by[n]["status"] == "skipped" for n in mtimes)

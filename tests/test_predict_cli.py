@@ -69,7 +69,7 @@ def test_exit_status_and_one_line_per_failed_case(run):
     assert proc.returncode == 1, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ": failed: " in ln]
     assert len(lines) == len(BAD)
-    assert "6/13 cases segmented" in proc.stderr
+    assert "13 cases: 6 segmented, 0 kept from an earlier run, 7 failed in " in proc.stderr
 
 
 def test_bad_cases_get_specific_messages_and_no_output(run):

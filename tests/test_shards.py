@@ -284,7 +284,7 @@ def test_resume_keeps_finished_cases_and_redoes_damaged_ones(inputs, tiny_export
     before = {c: (out / c).stat().st_mtime_ns for c in done if c not in (truncated, wrong, removed)}
     proc = predict("-i", str(inputs), "-o", str(out), "--skip-existing", weights=tiny_export)
     assert proc.returncode == 1, proc.stderr  # the broken case still fails
-    assert "7/8 cases segmented (4 kept from an earlier run)" in proc.stderr, proc.stderr
+    assert "8 cases: 3 segmented, 4 kept from an earlier run, 1 failed" in proc.stderr, proc.stderr
     rows = by_case(out / "timing.csv")
     for c in before:
         assert rows[c]["status"] == "skipped" and "earlier run kept" in rows[c]["message"], rows[c]
@@ -304,7 +304,8 @@ def test_resume_keeps_finished_cases_and_redoes_damaged_ones(inputs, tiny_export
     for p in inputs.glob("2DBox_CT_[0-9].npz"):
         (tmp_path / "in2" / p.name).write_bytes(p.read_bytes())
     proc = predict("-i", str(tmp_path / "in2"), "-o", str(out), "--skip-existing", weights=tiny_export)
-    assert proc.returncode == 0 and "4/4 cases segmented (4 kept from an earlier run)" in proc.stderr, proc.stderr
+    assert proc.returncode == 0 and "4 cases: 0 segmented, 4 kept from an earlier run, 0 failed" in proc.stderr, \
+        proc.stderr
 
 
 def test_segment_over_many_inputs_takes_parts_and_resumes(tiny_export, tmp_path):

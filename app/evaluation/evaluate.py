@@ -71,6 +71,8 @@ class EvaluationResult:
     tolerance: float
     nsd_dsc_gate: bool
     timing: list[TimingRow] = field(default_factory=list)
+    unpredicted: list[str] = field(default_factory=list)  # ground-truth cases without a prediction file
+    only_predicted: bool = False  # those were left out (else each is a case scored 0)
 
     @property
     def case_mean_dsc(self) -> float:
@@ -178,13 +180,16 @@ def cases_csv(cases: list[CaseRow]) -> str:
 
 def evaluate_folder(segs: Path, gts: Path, *, csv_path: Path | None = None, report_dir: Path | None = None,
                     timing_csv: Path | None = None, tolerance: float = 2.0,
-                    nsd_dsc_gate: bool = True) -> EvaluationResult:
+                    nsd_dsc_gate: bool = True, only_predicted: bool = False) -> EvaluationResult:
     """Score every ``gts/*.npz`` against ``segs/<same name>`` (see the module docstring).
 
     ``csv_path``: write the per-case CSV there (atomically). ``report_dir``: write the PNG charts
     and the HTML summary there (:func:`mcp_medsam.evaluation.report.write_report`). ``timing_csv``: the timing CSV of
     ``predict``, summarised per modality in the result, the table and the report.
-    Raises EvaluationError when ``gts`` holds no ``*.npz`` or ``segs`` is not a folder.
+    ``only_predicted``: score only the ground-truth cases that have a prediction file (a run over part of
+    the cases); the others are counted in ``unpredicted`` either way.
+    Raises EvaluationError when ``gts`` holds no ``*.npz`` or ``segs`` is not a folder (or, with
+    ``only_predicted``, holds no prediction of a ground-truth case).
     """
     segs, gts = Path(segs), Path(gts)
     write_report = None
@@ -199,6 +204,11 @@ def evaluate_folder(segs: Path, gts: Path, *, csv_path: Path | None = None, repo
     if not segs.is_dir():
         raise EvaluationError(f"segmentation folder not found: {segs}")
 
+    unpredicted = [p.name for p in gt_files if not (segs / p.name).exists()]
+    if only_predicted:
+        gt_files = [p for p in gt_files if p.name not in set(unpredicted)]
+        if not gt_files:
+            raise EvaluationError(f"no prediction in {segs} is named like a ground-truth case of {gts}")
     problems: list[str] = []
     cases = []
     for gt_path in gt_files:
@@ -206,7 +216,7 @@ def evaluate_folder(segs: Path, gts: Path, *, csv_path: Path | None = None, repo
                           problems)
         if row is not None:
             cases.append(row)
-    gt_names = {p.name for p in gt_files}
+    gt_names = {p.name for p in gt_files} | set(unpredicted)
     problems += [f"no gt for prediction: {p.name}" for p in sorted(segs.glob("*.npz")) if p.name not in gt_names]
 
     by_modality: dict[str, list[CaseRow]] = {}
@@ -230,6 +240,7 @@ def evaluate_folder(segs: Path, gts: Path, *, csv_path: Path | None = None, repo
         dsc_std=float(np.std(mod_dsc)) if mod_dsc else math.nan,
         nsd_std=float(np.std(mod_nsd)) if mod_nsd else math.nan,
         problems=problems, tolerance=tolerance, nsd_dsc_gate=nsd_dsc_gate, timing=timing,
+        unpredicted=unpredicted, only_predicted=only_predicted,
     )
     if csv_path is not None:
         write_text(csv_path, cases_csv(cases))
@@ -258,6 +269,10 @@ def format_table(result: EvaluationResult) -> str:
     lines += ["", f"problems: {len(result.problems)} ({len(not_ok)} predictions scored 0)"
               if result.problems else "problems: none"]
     lines += [f"  {p}" for p in result.problems]
+    n_gt = len(result.cases) + (len(result.unpredicted) if result.only_predicted else 0)
+    lines.append(f"ground-truth cases without a prediction: {len(result.unpredicted)} of {n_gt}"
+                 + ("" if not result.unpredicted else " (left out: --only-predicted)" if result.only_predicted
+                    else " (each scored 0; --only-predicted leaves them out)"))
     if result.timing:
         lines += ["", "seconds per case (predict timing)",
                   f"{'modality':<14}{'n':>5}{'mean':>9}{'median':>9}{'max':>9}{'total':>10}{'failed':>8}"]
