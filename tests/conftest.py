@@ -16,6 +16,74 @@ GOLDEN = SHARED / "reference" / "golden"
 SAMPLE = SHARED / "data" / "sample"
 
 
+# The PyTorch side (the export extra): tests of it skip, with this reason, where torch is not installed.
+INSTALL_TORCH = ("pip install torch --index-url https://download.pytorch.org/whl/cpu && pip install '.[export]' "
+                 "(CI pins torch==2.13.0)")
+TORCH_SIDE = ("torch", "mcp_medsam_torch", "onnx", "nncf", "transformers")
+
+
+def _torch_missing() -> str | None:
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        found = False
+    return None if found else f"torch is not installed: {INSTALL_TORCH}"
+
+
+TORCH_MISSING = _torch_missing()
+
+
+def needs_torch() -> None:
+    """Skip the calling test or fixture, saying how to install torch, where it is missing."""
+    if TORCH_MISSING:
+        pytest.skip(TORCH_MISSING)
+
+
+class _TorchlessModule(pytest.File):
+    """A test module that imports the PyTorch side at its top, where torch is missing: one skipped item
+    with the reason, instead of a collection error."""
+
+    def collect(self):
+        yield _SkipItem.from_parent(self, name=self.path.name)
+
+
+class _SkipItem(pytest.Item):
+    def runtest(self) -> None:
+        pytest.skip(TORCH_MISSING)
+
+    def reportinfo(self):
+        return self.path, None, self.name
+
+
+def _imports_torch_side(path: Path) -> bool:
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = [a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module or "" for n in tree.body if isinstance(n, ast.ImportFrom) and not n.level]
+    return any(name.split(".")[0] in TORCH_SIDE for name in names)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test that reaches the PyTorch side inside (an import in its body or a fixture's) where torch is
+    missing: skipped with the reason, not an error."""
+    outcome = yield
+    report = outcome.get_result()
+    exc = call.excinfo.value if call.excinfo is not None else None
+    if TORCH_MISSING and isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in TORCH_SIDE:
+        report.outcome = "skipped"
+        report.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: {TORCH_MISSING}")
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    if TORCH_MISSING and _imports_torch_side(Path(module_path)):
+        return _TorchlessModule.from_parent(parent, path=Path(module_path))
+    return None
+
+
 def need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"reference data not found: {path}")
@@ -46,6 +114,7 @@ def module_io() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="session")
 def golden_model():
+    needs_torch()
     from mcp_medsam_torch.checkpoints import load_mcp_medsam
 
     model, _ = load_mcp_medsam(need(GOLDEN / "mcp_medsam_golden.pth"))
@@ -54,6 +123,7 @@ def golden_model():
 
 def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     """A randomly initialised 'tiny' MCP-MedSAM saved as our training checkpoints are."""
+    needs_torch()
     import torch
 
     from mcp_medsam_torch.model import build_mcp_medsam
@@ -67,6 +137,7 @@ def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory) -> Path:
     """An exported tiny model (ONNX + IR + manifest): the runtime tests run on it in seconds."""
+    needs_torch()
     from mcp_medsam_torch.exporter import ExportConfig, export_model
 
     tmp = tmp_path_factory.mktemp("tiny")
@@ -97,6 +168,7 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 900) -> subproce
 @pytest.fixture
 def one_torch_thread():
     """torch with one thread: on 2 shared cores, OpenMP with 2 threads under contention is ~50x slower."""
+    needs_torch()
     import torch
 
     n = torch.get_num_threads()
