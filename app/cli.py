@@ -566,6 +566,10 @@ def serve(
     allowed_host: list[str] = typer.Option([], "--allowed-host", metavar="NAME", help="Without a token, answer requests for this Host name too (repeatable). Default: localhost, 127.0.0.1 and [::1] only (400 for others)."),
     body_timeout: float = typer.Option(30.0, "--body-timeout", help="Seconds a request body may pause before the request is dropped (408)."),
     shutdown_grace: float = typer.Option(30.0, "--shutdown-grace", help="Seconds running requests get at Ctrl-C / SIGTERM before they are answered 503."),
+    modality: Optional[str] = typer.Option(None, "--modality", help="Modality of nnInteractive sessions (/nninteractive) and of /v1 uploads that name none. Default: a session's volume with values below -500 is CT, else MR (the log says which); such an upload must name one."),
+    sessions: int = typer.Option(4, "--sessions", help="nnInteractive sessions at once (503 for one more); each keeps slice embeddings of at most --cache-mb / --sessions."),
+    session_idle_s: float = typer.Option(600.0, "--session-idle-s", help="An nnInteractive session is freed after this many seconds without an interaction."),
+    session_liveness_s: float = typer.Option(60.0, "--session-liveness-s", help="An nnInteractive session is freed after this many seconds without any request (the client heartbeats at half of it)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for inference. Default: all cores."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="OpenVINO compiled-model cache. Default: $MCP_MEDSAM_CACHE or ~/.cache/mcp-medsam/openvino."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level (critical, error, warning, info, debug)."),
@@ -583,7 +587,9 @@ def serve(
     try:
         run(ServeConfig(host=host, port=port, token=token, max_upload_mb=max_upload_mb, max_image_mb=max_image_mb,
                         max_images=max_images, max_boxes=max_boxes, cache_mb=cache_mb, cors_origins=tuple(cors_origin),
-                        allowed_hosts=tuple(allowed_host), body_timeout=body_timeout, shutdown_grace=shutdown_grace),
+                        allowed_hosts=tuple(allowed_host), body_timeout=body_timeout, shutdown_grace=shutdown_grace,
+                        modality=modality, sessions=sessions, session_idle_s=session_idle_s,
+                        session_liveness_s=session_liveness_s),
             weights=weights, threads=threads, cache_dir=cache_dir, log_level=log_level, precision=precision)
     except SegmentationError as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -34,7 +34,7 @@ from .. import __version__, prompts
 from ..errors import InputError, SegmentationError, TooLarge
 from ..modality import accepted_token
 from ..segmenter import Segmenter
-from . import results, uploads
+from . import nninteractive, results, uploads
 from .config import MB, ServeConfig, ServeError
 from .guards import (AccessLogFilter, BodyTimeout, HostOriginGuard, ShutdownGuard, receive_within, short_id,
                      shorten_ids)
@@ -101,7 +101,7 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        is_upload = scope["method"] == "POST" and scope["path"].rstrip("/") == UPLOAD_PATH
+        is_upload = scope["method"] == "POST" and scope["path"].rstrip("/") in (UPLOAD_PATH, *nninteractive.ARRAY_PATHS)
         limit = self.upload_bytes if is_upload else JSON_BODY_BYTES
         message = (f"the upload is larger than {limit / MB:.4g} MB (--max-upload-mb)" if is_upload
                    else f"the request body is larger than {limit / MB:.4g} MB")
@@ -253,7 +253,8 @@ def create_app(*, segmenter: Segmenter, config: ServeConfig) -> FastAPI:
 
     def load(image_id: str, folder: Path, received: uploads.Received) -> StoredImage:
         """Read the upload and, for a 2D image, embed it (thread pool; the model lock only for the encoder)."""
-        modality = received.fields.get("modality") or uploads.modality_from_name(received.filename) or None
+        modality = (received.fields.get("modality") or uploads.modality_from_name(received.filename)
+                    or config.modality or None)
         if modality:
             segmenter.modality_row(modality)  # UnknownModality (422) names the accepted ones
             modality = accepted_token(modality)
@@ -404,6 +405,7 @@ def create_app(*, segmenter: Segmenter, config: ServeConfig) -> FastAPI:
         }
 
     app.include_router(v1)
+    app.include_router(nninteractive.router(segmenter=segmenter, config=config, engine_lock=model, auth=authorised))
 
     @app.get("/healthz", summary="Liveness (no token needed)")
     async def healthz() -> dict[str, Any]:

@@ -34,7 +34,8 @@ def require_extra() -> None:
     """Raise MissingExtra naming the first missing package of the ``serve`` extra."""
     import importlib.util
 
-    for module, package in (("fastapi", "fastapi"), ("uvicorn", "uvicorn"), ("python_multipart", "python-multipart")):
+    for module, package in (("fastapi", "fastapi"), ("uvicorn", "uvicorn"), ("python_multipart", "python-multipart"),
+                            ("blosc2", "blosc2")):
         if importlib.util.find_spec(module) is None:
             raise MissingExtra(f"serve needs {package}: pip install 'mcp-medsam[serve]'")
 
@@ -54,6 +55,11 @@ class ServeConfig:
     server refuses other Host names and foreign Origins on the API: DNS rebinding, cross-site posts);
     body_timeout: seconds a request body may go without a byte before the request is dropped (408);
     shutdown_grace: seconds in-flight requests get at shutdown before they are answered 503.
+    modality: the modality of nnInteractive sessions and of /v1 uploads that name none (None: a
+    session's volume with values below -500 is CT, else MR); sessions: nnInteractive sessions at
+    once (503 for one more), each keeping slice embeddings of at most cache_mb / sessions;
+    session_idle_s / session_liveness_s: a session is freed after this long without an interaction /
+    without any request (heartbeats count).
     """
 
     host: str = "127.0.0.1"
@@ -66,6 +72,10 @@ class ServeConfig:
     cache_mb: float = 1024.0
     cors_origins: tuple[str, ...] = ()
     temp_dir: Path | None = None
+    modality: str | None = None
+    sessions: int = 4
+    session_idle_s: float = 600.0
+    session_liveness_s: float = 60.0
     allowed_hosts: tuple[str, ...] = ()
     body_timeout: float = 30.0
     shutdown_grace: float = 30.0
@@ -101,6 +111,8 @@ class ServeConfig:
                 raise ServeError(f"--{name.replace('_', '-')} must be positive")
         if self.max_images < 1 or self.max_boxes < 1:
             raise ServeError("--max-images and --max-boxes must be at least 1")
+        if self.sessions < 1 or not (self.session_idle_s > 0 and self.session_liveness_s > 0):
+            raise ServeError("--sessions must be at least 1 and the session timeouts positive")
         if not 0 <= self.port <= 65535:
             raise ServeError(f"--port {self.port} is not a TCP port (0..65535)")
 
