@@ -171,7 +171,7 @@ def test_intensity_rules():
     with pytest.raises(InputError, match="no voxel above zero"):
         medical.to_uint8(_image(np.zeros((2, 3, 3))), "PET")
     with pytest.raises(InputError, match="unknown modality"):
-        medical.to_uint8(_image(hu), "Ultrasound")
+        medical.to_uint8(_image(hu), "Sonar")
     npz = medical.read_image(SAMPLE / "imgs" / "3DBox_MR_pyradiomics_brain1.npz")
     assert npz.boxes.shape == (1, 6)
     np.testing.assert_array_equal(medical.to_uint8(npz, "MR"), _npz("3DBox_MR_pyradiomics_brain1")["imgs"])
