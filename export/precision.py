@@ -230,7 +230,10 @@ def split_graph(xml: Path, rules: list[tuple[str, str]], low: set[str]) -> list[
                 if pname in members or pname in graph.const:
                     continue
                 if node.get_type_name() == "Parameter":
-                    key = src.get_any_name()
+                    # The graph input's own name: a no-op cast in the export can add a second tensor
+                    # name (e.g. point_labels also named /Cast_output_0) that no feed carries.
+                    key = node.get_friendly_name() if node.get_friendly_name() in src.get_names() \
+                        else src.get_any_name()
                     params.setdefault(key, node)
                 else:
                     key = _tensor_key(pname, src.get_index())

@@ -242,3 +242,37 @@ def test_bench_compares_every_precision_side_by_side(int8_folder, data, tmp_path
         assert np.isnan(rows[(name, "fp32")]["agreement"]) and 0 <= rows[(name, "int8")]["agreement"] <= 1
         assert rows[(name, "fp32")]["dsc"] >= 0 and rows[(name, "int8")]["warm_s"] > 0
     assert "int8" in proc.stdout and "x32" in proc.stdout
+
+
+def test_mix_option_names_groups_or_the_found_mix():
+    from mcp_medsam_torch.config import ExportError
+    from mcp_medsam_torch.precision import MIXES, parse_mix
+
+    assert parse_mix([], ("bf16",)) is None
+    assert parse_mix(["found"], ("bf16",)) == MIXES["bf16"]
+    assert parse_mix(["decoder:prompt", "decoder:heads", "image_encoder:*"], ("bf16", "int8")) == {
+        "decoder": ["prompt", "heads"], "image_encoder": ["*"]}
+    for bad, precisions in ((["found"], ("int8",)), (["found"], ("bf16", "int8")), (["decoder"], ("bf16",)),
+                            (["clip:all"], ("bf16",))):
+        with pytest.raises(ExportError):
+            parse_mix(bad, precisions)
+
+
+@needs_bf16
+@pytest.mark.slow
+def test_found_bf16_mix_is_judged_alone_without_a_study(tiny_export, data, tmp_path):
+    """--mix found: no sensitivity study, one candidate (the encoder whole in FP32: only the per-box
+    graph is split), judged against the bars like any mix."""
+    from mcp_medsam_torch.precision import MIXES
+
+    folder = tmp_path / "w"
+    shutil.copytree(tiny_export, folder)
+    proc = run_cli("variants", str(folder), "--data", str(data), "--precision", "bf16", "--mix", "found",
+                   "--calibration-cases", "2", "--keep-unvalidated", "--json", str(tmp_path / "v.json"))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert report["study"] == [] and len(report["candidates"]) == 1
+    assert report["candidates"][0]["f32_groups"] == MIXES["bf16"]
+    variant = json.loads((folder / "manifest.json").read_text())["variants"]["bf16"]
+    assert set(variant["graphs"]) == {"decoder"} and len(variant["graphs"]["decoder"]["segments"]) >= 2
+    assert variant["f32_groups"] == MIXES["bf16"]
