@@ -76,7 +76,7 @@ class _Commands(TyperGroup):
         except _click_errors.ClickException as exc:
             typer.echo(f"error: {exc.format_message()}", err=True)
             code = exc.exit_code
-        except _click_errors.Abort:
+        except typer.Abort:
             typer.echo("error: aborted", err=True)
             code = 1
         code = 0 if code is None else code
