@@ -442,6 +442,33 @@ def evaluate(
     raise typer.Exit(1 if any(c.status != "ok" for c in result.cases) else 0)
 
 
+@cli.command("evaluate-interactive")
+def evaluate_interactive(
+    inputs: Path = typer.Option(..., "--input", "-i", help="Folder of *.npz cases (CVPR24 or CVPR25 layout) for the box round."),
+    gts: Path = typer.Option(..., "--gts", help="Folder of ground-truth *.npz (key 'gts'), named like the cases."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for interactive.csv, interactive.json and dsc_per_click.png."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
+    rounds: int = typer.Option(5, "--rounds", min=1, help="Click rounds after the box round (challenge: 5)."),
+    per_round_process: bool = typer.Option(False, "--per-round-process/--one-process", help="One 'mcp-medsam predict' process per round, as the challenge times it. Default: one process, embeddings kept between rounds."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads. Default: all cores."),
+    default_modality: Optional[str] = typer.Option(None, "--default-modality", help="Modality for cases whose file name has no known token."),
+    tolerance: float = typer.Option(2.0, "--tolerance", min=0.0, help="NSD tolerance in mm (challenge: 2)."),
+) -> None:
+    """The CVPR 2025 interactive protocol: box round + click rounds with the challenge's click rule.
+
+    Prints DSC and NSD per round and modality, DSC AUC and NSD AUC (trapezoid over the click rounds),
+    final DSC/NSD, seconds per round and the 90 s per class budget. Exit status 1 when a case failed."""
+    try:
+        from .evaluation.interactive import evaluate_interactive as run, format_table
+    except ImportError as exc:  # scipy and matplotlib are the optional "eval" extra
+        _fail(RuntimeError(f"evaluate-interactive needs {exc.name}: pip install 'mcp-medsam[eval]'"))
+    with _user_errors():
+        result = run(inputs, gts, output, weights=weights, rounds=rounds, per_round_process=per_round_process,
+                     threads=threads, default_modality=default_modality, tolerance=tolerance)
+    typer.echo(format_table(result), nl=False)
+    raise typer.Exit(1 if any(c.status != "ok" for c in result.cases) else 0)
+
+
 @cli.command()
 def bench(
     inputs: Path = typer.Option(..., "--input", "-i", help="Folder of CVPR24 *.npz cases."),

@@ -298,18 +298,24 @@ def _click_list(value: Any, where: str, k: int) -> list[list[float]]:
 
 def _clicks(npz: _Archive, targets: int, box_of_target: dict[int, int], dims: tuple[int, ...]
             ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    """``clicks`` (+ ``clicks_order``) -> (N, P, k) int64 x, y(, z) per box, (N, P) int64 labels
-    (1 fg, 0 bg, -1 padding), oldest click first, and notes. dims: (W, H[, D]), k = len(dims);
-    box_of_target: target index -> box row (targets without a box are left out)."""
-    k = len(dims)
+    """The ``clicks`` (+ ``clicks_order``) members -> :func:`click_prompts`."""
     items = _entries(_member(npz, "clicks", ""), "clicks")
+    order = _entries(_member(npz, "clicks_order", "U"), "clicks_order") if "clicks_order" in npz.members else None
+    return click_prompts(items, order, targets, box_of_target, dims)
+
+
+def click_prompts(items: list[Any], order: list[Any] | None, targets: int, box_of_target: dict[int, int],
+                  dims: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """CVPR 2025 ``clicks`` (one ``{"fg": [...], "bg": [...]}`` per target, array indices) and
+    ``clicks_order`` (per target ``"fg"``/``"bg"``/None per round; None: fg before bg) -> (N, P, k)
+    int64 x, y(, z) per box, (N, P) int64 labels (1 fg, 0 bg, -1 padding), oldest click first, and
+    notes. dims: (W, H[, D]), k = len(dims); box_of_target: target index -> box row (targets without
+    a box are left out). Every value is checked; InputError names the entry at fault."""
+    k = len(dims)
     if len(items) != targets:
         raise InputError(f"clicks has {len(items)} entries for {targets} target(s); expected one dict per target")
-    order: list[Any] | None = None
-    if "clicks_order" in npz.members:
-        order = _entries(_member(npz, "clicks_order", "U"), "clicks_order")
-        if len(order) != targets:
-            raise InputError(f"clicks_order has {len(order)} entries for {targets} target(s)")
+    if order is not None and len(order) != targets:
+        raise InputError(f"clicks_order has {len(order)} entries for {targets} target(s)")
     per_box: list[tuple[list[list[float]], list[int]]] = [([], []) for _ in box_of_target]
     lost, notes = [], []
     for i, item in enumerate(items):
