@@ -32,7 +32,7 @@ MAX_ZIP_MEMBERS = 10000
 # A DICOM .zip unpacks to at most this many times --max-image-mb: 16-bit pixels of the largest image taken.
 ZIP_FACTOR = 2
 # The file's own values may take this many times --max-image-mb while they are read (float32 voxels of the
-# largest image taken; the readers check it from the header too, before decoding).
+# largest image taken; the readers check it from the headers, before decoding: mcp_medsam.io.headers).
 NATIVE_FACTOR = 4
 # How a picture uploaded without a modality is converted: as any modality but grey microscopy.
 PICTURE_MODALITY = "XRay"
@@ -290,12 +290,10 @@ def load_upload(path: Path, *, modality: str | None, window: tuple[float, float]
         return _read_npz(path, max_bytes=max_bytes)
     if suffix == DICOM_ZIP:
         folder = _unzip_series(path, max_bytes=ZIP_FACTOR * max_bytes)
-        _check_series_headers(folder, max_bytes)
         image = _read_native(lambda: medical.read_image(folder, series=series, max_bytes=NATIVE_FACTOR * max_bytes))
     else:
         if series is not None:
             raise UploadError("'series' applies to a .zip of a DICOM series")
-        _check_header(path, suffix, max_bytes)
         image = _read_native(lambda: medical.read_image(path, max_bytes=NATIVE_FACTOR * max_bytes))
     voxels = int(np.prod(image.shape, dtype=np.int64)) * (1 if image.is_3d else 3)
     if voxels > max_bytes:
@@ -337,70 +335,6 @@ def _read_npz(path: Path, *, max_bytes: int) -> Loaded:
     native = MedicalImage(array=np.broadcast_to(np.uint8(0), case.shape), is_3d=case.is_3d, source=path,
                           format="npz")
     return Loaded(array=case.image, is_3d=case.is_3d, spacing=spacing, native=native, boxes=case.boxes)
-
-
-def _check_header(path: Path, suffix: str, max_bytes: int) -> None:
-    """Refuse from the header, before decoding, a file whose uint8 pixels would exceed ``max_bytes``:
-    pictures (as RGB) by the grid their header declares (:func:`mcp_medsam.io.headers.check_picture`),
-    volumes by SimpleITK's image information, read only after the header text was checked for detached
-    data (:mod:`mcp_medsam.io.headers`: a header never makes a reader open another path)."""
-    from ..io import headers
-    from ..io.medical import FORMATS, PICTURE_SUFFIXES
-
-    fmt = FORMATS[suffix]
-    if suffix in PICTURE_SUFFIXES:
-        try:
-            declared = headers.check_picture(path, fmt, None)
-        except InputError:
-            return  # read_image gives the reason
-        voxels = declared.width * declared.height * 3
-        if voxels > max_bytes:
-            raise _too_large(voxels, max_bytes, f"a {declared.width}x{declared.height} picture")
-        return
-    if fmt == "nrrd":
-        headers.check_nrrd(path)
-    elif fmt == "metaimage":
-        headers.check_metaimage(path)
-    try:
-        import SimpleITK as sitk
-    except ImportError:
-        raise UnsupportedFormat(f"reading {suffix} files needs SimpleITK, which this server lacks: "
-                                f"pip install 'mcp-medsam[io]'") from None
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        return  # read_image gives the reason
-    voxels = int(np.prod(reader.GetSize(), dtype=np.int64)) * max(reader.GetNumberOfComponents(), 1)
-    if voxels > max_bytes:
-        raise _too_large(voxels, max_bytes, f"an image of {'x'.join(map(str, reader.GetSize()))} (x, y, z)")
-
-
-def _check_series_headers(folder: Path, max_bytes: int) -> None:
-    """Refuse an unpacked DICOM .zip whose files' headers (Rows x Columns x frames, read by SimpleITK
-    without the pixels) declare more than ``max_bytes`` of uint8 voxels, all its files together: ITK
-    allocates each slice as its header sizes it, before it compares slices."""
-    try:
-        import SimpleITK as sitk
-    except ImportError:
-        return  # read_image says that the io extra is missing
-    from ..locale_guard import keep_locale
-
-    voxels, grids = 0, set()
-    with keep_locale():  # GDCM switches the process's C locale
-        for name in sorted(folder.iterdir()):
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(name))
-            try:
-                reader.ReadImageInformation()
-            except RuntimeError:
-                continue  # not an image (RTSTRUCT, SEG, text): read_image skips or names it
-            size = reader.GetSize()
-            voxels += int(np.prod(size, dtype=np.int64)) * max(reader.GetNumberOfComponents(), 1)
-            grids.add("x".join(map(str, size)))
-            if voxels > max_bytes:
-                raise _too_large(voxels, max_bytes, f"the .zip's DICOM files ({', '.join(sorted(grids))}, x first)")
 
 
 def _unzip_series(path: Path, *, max_bytes: int) -> Path:
