@@ -182,7 +182,7 @@ class _Archive:
         if len(data) > max_bytes:
             raise TooLarge(f"{key} is a pickle of more than {_mib(max_bytes)}; refused")
         try:
-            return _RestrictedUnpickler(io.BytesIO(data)).load()
+            return _RestrictedUnpickler(io.BytesIO(data), key).load()
         except InputError:
             raise
         except Exception as exc:  # a damaged pickle: UnpicklingError, EOFError, ValueError, TypeError, ...
@@ -207,11 +207,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
     """Builds numpy arrays, dtypes and scalars and the plain containers pickle makes without globals
     (lists, dicts, tuples, numbers, strings); any other global is refused before it is looked up."""
 
+    def __init__(self, file: IO[bytes], key: str = "boxes") -> None:
+        super().__init__(file)
+        self.key = key
+
     def find_class(self, module: str, name: str) -> Any:
         try:
             return _SAFE_GLOBALS[(module, name)]
         except KeyError:
-            raise InputError(f"boxes is a pickle that calls {module}.{name}; refused without running it "
+            raise InputError(f"{self.key} is a pickle that calls {module}.{name}; refused without running it "
                              f"(only lists of dicts of numbers are read)") from None
 
 
