@@ -1,6 +1,7 @@
-"""A newcomer's first steps, as the README writes them: a fresh copy of the checkout, a fresh venv,
-a normal (non-editable) ``pip install .``, the README's first command verbatim, then the installed
-command and the README's Python example from another directory with the checkout gone.
+"""A newcomer's first steps, as the README writes them: the quick start's commands verbatim in a fresh
+copy of the checkout (for its ``git clone``), which make a fresh venv, a normal (non-editable)
+``pip install .``, segment the sample cases of ``examples/`` and score them; then the installed command
+and the README's Python example from another directory with the checkout gone.
 
 Needs the PyPI registry or pip's cache for the runtime dependencies (CI has both).
 """
@@ -26,13 +27,15 @@ README = REPO / "README.md"
 CASES = ("2DBox_XRay_Shenzhen_CHNCXR-0001-0.npz", "3DBox_MR_pyradiomics_brain1.npz")
 
 
-def readme_first_command() -> str:
-    """The first shell line of the README that installs and predicts."""
-    for block in re.findall(r"```sh\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S):
-        for line in block.splitlines():
-            if "pip install ." in line and "predict" in line:
-                return line.strip()
-    raise AssertionError("README has no install-and-predict command")
+def readme_quick_start() -> tuple[str, list[str]]:
+    """(the folder the quick start's ``git clone`` makes, its commands after that line)."""
+    text = README.read_text(encoding="utf-8")
+    block = re.search(r"```sh\n(.*?)```", text[text.index("## Quick start"):], flags=re.S).group(1)
+    first, *rest = [line.strip() for line in block.splitlines() if line.strip()]
+    m = re.fullmatch(r"git clone \S+ (\S+) && cd \1", first)
+    assert m, f"the quick start does not begin with getting the code: {first}"
+    assert any("pip install ." in line and "predict" in line for line in rest), rest
+    return m.group(1), rest
 
 
 def readme_python_example() -> str:
@@ -67,34 +70,45 @@ def _clean_env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def fresh(tmp_path_factory):
-    """(checkout copy, its .venv, the inputs, the first outputs, seconds from install to first output)."""
+    """(checkout copy, its .venv, other inputs, the quick start's outputs, its output, seconds it took)."""
     if shutil.which("git") is None:
         pytest.skip("git is needed to list the checkout's files")
     root = tmp_path_factory.mktemp("newcomer")
-    src, inputs, outputs = root / "src", root / "in", root / "out"
+    folder, commands = readme_quick_start()
+    src, inputs = root / folder, root / "in"
     src.mkdir()
     inputs.mkdir()
-    _copy_checkout(src)
+    _copy_checkout(src)  # what the git clone gives
     for name in CASES:
         shutil.copy(need(SAMPLE / "imgs" / name), inputs / name)
-    command = readme_first_command().replace("INPUT_DIR", str(inputs)).replace("OUTPUT_DIR", str(outputs))
+    script = "set -e\n" + "\n".join(commands) + "\n"
     t0 = time.perf_counter()
-    proc = subprocess.run(["bash", "-c", command], cwd=src, env=_clean_env(), capture_output=True, text=True,
+    proc = subprocess.run(["bash", "-c", script], cwd=src, env=_clean_env(), capture_output=True, text=True,
                           encoding="utf-8", timeout=1800)
     seconds = time.perf_counter() - t0
-    assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return src, src / ".venv", inputs, outputs, seconds
+    assert proc.returncode == 0, f"{script}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return src, src / ".venv", inputs, src / "segs", proc, seconds
 
 
-def test_readme_first_command_works_verbatim(fresh, capsys):
-    _, _, inputs, outputs, seconds = fresh
-    for name in CASES:
-        with np.load(inputs / name) as case, np.load(outputs / name) as out:
+def test_readme_quick_start_works_verbatim(fresh, capsys):
+    src, _, _, outputs, proc, seconds = fresh
+    examples = sorted(p.name for p in (src / "examples" / "imgs").glob("*.npz"))
+    assert 2 <= len(examples) <= 5
+    assert sorted(p.name for p in (src / "examples" / "gts").glob("*.npz")) == examples
+    assert sum(p.stat().st_size for p in (src / "examples").rglob("*")) < 600_000  # small enough to ship
+    for name in examples:
+        with np.load(src / "examples" / "imgs" / name) as case, np.load(outputs / name) as out:
             assert out["segs"].shape == (case["imgs"].shape if case["boxes"].shape[1] == 6 else case["imgs"].shape[:2])
             assert out["segs"].max() == len(case["boxes"])
-    assert (outputs / "timing.csv").read_text().count("\n") == len(CASES) + 1
+    assert (outputs / "timing.csv").read_text().count("\n") == len(examples) + 1
+    assert f"{len(examples)} cases: {len(examples)} segmented, 0 kept from an earlier run, 0 failed" in proc.stderr
+    # evaluate on the shipped ground truth: every case scored, none missing, a sane overall DSC.
+    overall = re.search(r"^overall\s+(\d+)\s+([\d.]+)", proc.stdout, flags=re.M)
+    assert overall and int(overall.group(1)) == len(examples) and float(overall.group(2)) > 50, proc.stdout
+    assert "ground-truth cases without a prediction: 0 of" in proc.stdout and "problems: none" in proc.stdout
     with capsys.disabled():
-        print(f"\nREADME first command (venv + pip install . + predict of {len(CASES)} cases): {seconds:.0f} s")
+        print(f"\nREADME quick start (venv + pip install . + predict of {len(examples)} cases + eval extra + "
+              f"evaluate): {seconds:.0f} s")
 
 
 def _site_packages(venv: Path) -> Path:
@@ -104,7 +118,7 @@ def _site_packages(venv: Path) -> Path:
 
 
 def test_installs_two_clearly_named_packages_with_every_module(fresh):
-    _, venv, _, _, _ = fresh
+    _, venv, _, _, _, _ = fresh
     site = _site_packages(venv)
     for generic in ("app", "export", "weights"):
         assert not (site / generic).exists(), f"site-packages/{generic} installed"
@@ -117,7 +131,7 @@ def test_installs_two_clearly_named_packages_with_every_module(fresh):
 
 
 def test_installed_command_runs_anywhere_without_the_checkout(fresh, tmp_path):
-    src, venv, inputs, _, _ = fresh
+    src, venv, inputs, _, _, _ = fresh
     for entry in list(src.iterdir()):  # the checkout is gone; only its .venv stays
         if entry.name != ".venv":
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
