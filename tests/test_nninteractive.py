@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import struct
 import subprocess
@@ -17,7 +18,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import REPO, SHARED, need
+from conftest import REPO, SHARED, need, run_cli
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'mcp-medsam[serve]'")
 pytest.importorskip("nnInteractive.inference.remote",
@@ -308,3 +309,28 @@ def test_capacity_expiry_and_freeing():
         assert sessions_held(url) == 0 and "reaped" in log_text(log)
         second = client(url)
         second.close()
+
+
+def test_serve_modality_option(seg, tmp_path, caplog):
+    """--modality: the sessions' modality and that of /v1 uploads naming none; an unknown one stops serve."""
+    from fastapi.testclient import TestClient
+
+    from mcp_medsam.serve import ServeConfig
+    from mcp_medsam.serve.app import create_app
+
+    config = ServeConfig(temp_dir=tmp_path, modality="XRay")
+    with TestClient(create_app(segmenter=seg, config=config), base_url="http://127.0.0.1") as api:
+        with open(need(PNG), "rb") as f:
+            r = api.post("/v1/images", files={"file": ("chest.png", f)})
+        assert r.status_code == 201 and r.json()["modality"] == "XRay", r.text
+        lease = api.post("/nninteractive/claim").json()["lease_token"]
+        tiny = np.arange(24, dtype=np.int16).reshape(1, 2, 3, 4) - 1000  # below -500: CT, were it guessed
+        caplog.set_level(logging.INFO, logger="mcp_medsam.serve")
+        r = api.post("/nninteractive/set_image", content=pack_array(tiny + 1500 * (np.arange(4) > 1)),
+                     headers={"X-Lease-Token": lease, "X-Meta": "{}", "Content-Type": nni.OCTET})
+        assert r.status_code == 200, r.text
+        assert "modality XRay (--modality)" in caplog.text
+        assert api.get("/nninteractive/healthz").json()["sessions"] == 1
+    proc = run_cli("serve", "--modality", "Ultrasonic", "--port", str(free_port()), timeout=300)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and last.startswith("error: unknown modality 'Ultrasonic'; accepted: CT"), proc.stderr
