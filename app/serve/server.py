@@ -25,7 +25,8 @@ def serve(config: ServeConfig, *, weights: Path | None = None, backend: str = "o
     app = create_app(segmenter=segmenter, config=config)
     auth = "a token is required for /v1" if config.token else "no token"
     host = f"[{config.host}]" if ":" in config.host else config.host
-    print(f"mcp-medsam serve: http://{host}:{config.port}/ ({auth}; API docs at /docs)", flush=True)
+    print(f"mcp-medsam serve: http://{host}:{config.port}/ ({auth}; API docs at /docs; napari/3D Slicer nnInteractive "
+          f"Remote mode: http://{host}:{config.port}/nninteractive)", flush=True)
     uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, server_header=False,
                 timeout_graceful_shutdown=config.shutdown_grace, log_config=log_config(log_level))
 
