@@ -58,6 +58,11 @@ class SegmentRequest(BaseModel):
                     "from its middle slice over z0..z1). Label i+1 = box i; later boxes overwrite earlier ones.",
         examples=[[[150, 80, 290, 220]]])
     modality: Optional[str] = Field(None, description="Default: the modality given at upload.", examples=["CT"])
+    points: Optional[list[list[list[float]]]] = Field(
+        None, description="Clicks per box, oldest first (models with point prompts): 2D [[[x, y], ...], ...], 3D "
+                          "[[[x, y, z], ...], ...]; a 3D box is re-propagated from its newest click's slice.")
+    point_labels: Optional[list[list[float]]] = Field(
+        None, description="Per box, per click: 1 foreground, 0 background (with points).")
 
 
 class ImageOut(BaseModel):
@@ -270,7 +275,8 @@ def create_app(*, segmenter: Segmenter, config: ServeConfig) -> FastAPI:
                 image.embedding = segmenter.embed(image.array)
         return image
 
-    def segment_volume(image: StoredImage, boxes: np.ndarray, modality: str) -> np.ndarray:
+    def segment_volume(image: StoredImage, boxes: np.ndarray, modality: str,
+                       clicks: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         progress = image.progress = Progress(state="queued", total=int((boxes[:, 5] - boxes[:, 2] + 1).sum()))
 
         def step(done: int, total: int) -> None:
@@ -280,7 +286,13 @@ def create_app(*, segmenter: Segmenter, config: ServeConfig) -> FastAPI:
             with model:
                 progress.state = "running"
                 cache = store.slice_cache(image, segmenter)
-                labels = segmenter.segment_volume(image.array, boxes, modality, cache=cache, progress=step)
+                if clicks is None:
+                    labels = segmenter.segment_volume(image.array, boxes, modality, cache=cache, progress=step)
+                else:  # the previous result (same boxes) prompts the newest click's slice
+                    prev = image.labels if image.labels is not None and image.labels.shape == image.array.shape \
+                        else None
+                    labels = segmenter.refine_volume(image.array, boxes, modality, points=clicks[0],
+                                                     point_labels=clicks[1], prev=prev, cache=cache, progress=step)
         except BaseException as exc:
             progress.state, progress.message = "failed", str(exc)
             raise
@@ -345,11 +357,22 @@ def create_app(*, segmenter: Segmenter, config: ServeConfig) -> FastAPI:
         h, w = image.array.shape[1:3] if image.is_3d else image.array.shape[:2]
         dims = (w, h, image.array.shape[0]) if image.is_3d else (w, h)
         boxes = prompts.check_boxes(np.asarray(body.boxes, np.float64).reshape(-1, width), dims)
+        clicks = None
+        if body.points is not None or body.point_labels is not None:
+            if body.points is None or body.point_labels is None or len(body.points) != len(boxes) or \
+                    [len(p) for p in body.points] != [len(lb) for lb in body.point_labels]:
+                raise InputError("points and point_labels go together: one list per box, one label per click")
+            if any(len(c) != len(dims) for pts in body.points for c in pts):
+                raise InputError(f"each click is {'[x, y, z]' if image.is_3d else '[x, y]'}")
+            clicks = prompts.pad_points([np.asarray(p, np.float64) for p in body.points],
+                                        [np.asarray(lb, np.float64) for lb in body.point_labels], dim=len(dims))
         if image.is_3d:
-            labels, iou = segment_volume(image, boxes, modality), None
+            labels, iou = segment_volume(image, boxes, modality, clicks), None
         else:
             with model:
-                labels, ious = segmenter.segment_embedding(image.embedding, boxes, modality)
+                labels, ious = segmenter.segment_embedding(image.embedding, boxes, modality,
+                                                           points=None if clicks is None else clicks[0],
+                                                           point_labels=None if clicks is None else clicks[1])
             iou = [float(v) for v in ious]
             image.progress = Progress(state="done", done=len(boxes), total=len(boxes))
         image.labels, image.iou = labels, iou
