@@ -334,6 +334,8 @@ def export(
     """Export a checkpoint to OpenVINO IR and verify it.
 
     Writes ONNX + OpenVINO IR with manifest.json and compares the graphs against PyTorch (export extra)."""
+    import shlex
+
     exporter = _torch_side("mcp_medsam_torch.exporter", "export")
     ExportConfig, ExportError, export_model = exporter.ExportConfig, exporter.ExportError, exporter.export_model
 
@@ -342,7 +344,10 @@ def export(
         export_model(ExportConfig(out=out, checkpoint=checkpoint, clip=clip, text_features=text_features,
                                   precision=precision, keep_onnx=keep_onnx, verify_data=verify_data,
                                   calibration_cases=calibration_cases, int8_target_dice=int8_target_dice,
-                                  description=description, provenance=_read_provenance(provenance),
+                                  description=description, provenance={
+                                      **_read_provenance(provenance),
+                                      # The command that made the folder, so that it can be run again.
+                                      "export_command": "mcp-medsam " + shlex.join(sys.argv[1:])},
                                   variants=tuple(variants or ()), fold=fold))
     except (ExportError, RuntimeError) as exc:
         _fail(exc)

@@ -104,6 +104,7 @@ def test_cli_export_fp16_without_onnx(tmp_path):
     assert "max|diff|" in proc.stdout and "decoder" in proc.stdout
     m = json.loads((tmp_path / "w16" / "manifest.json").read_text())
     assert m["precision"] == "fp16"
+    assert m["provenance"]["export_command"].startswith(f"mcp-medsam export --checkpoint {ckpt} --out")
     assert all(set(g["files"]) == {"openvino"} for g in m["graphs"].values())
     assert not list((tmp_path / "w16").glob("*.onnx"))
     cases = tmp_path / "in"
