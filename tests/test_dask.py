@@ -82,12 +82,18 @@ def test_parse_dask():
 
 def test_local_cluster_is_bit_identical_to_one_process(inputs, tiny_export, reference, tmp_path):
     out = tmp_path / "out"
+    t0 = time.perf_counter()
     proc = run_cli("predict", "-i", str(inputs), "-o", str(out), "--weights", str(tiny_export), "--dask", "local:2")
+    elapsed = time.perf_counter() - t0
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.returncode == 1, proc.stderr  # the broken case is a failed row, not a failed run
     assert "8 cases: 7 segmented, 0 kept from an earlier run, 1 failed in " in proc.stderr
     assert same(segs_of(out), reference)
     rows = timing_rows(out / "timing.csv")
+    # The closing line gives the run's wall time: within the process's life, at least the longest case
+    # (the workers' per-case seconds overlap, so their sum is no wall time).
+    wall = float(proc.stderr.split(" failed in ")[1].split(" s wall time")[0])
+    assert max(float(r["seconds"]) for r in rows) <= wall <= elapsed, (wall, elapsed)
     assert sorted(r["case"] for r in rows) == sorted(p.name for p in inputs.glob("*.npz"))
     by = {r["case"]: r for r in rows}
     broken = by["2DBox_CT_broken.npz"]
