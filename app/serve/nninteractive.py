@@ -22,7 +22,7 @@ import secrets
 import struct
 import threading
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -361,6 +361,17 @@ def router(*, segmenter: Segmenter, config: ServeConfig, engine_lock: threading.
         lease.active = lease.seen = time.monotonic()
         return lease
 
+    @contextmanager
+    def acting(lease: Lease):
+        """A user action on a lease: its lock held, its clocks set at the start and again at the end (a
+        prediction longer than the idle timeout must not leave it reaped the moment it answers)."""
+        with lease.lock:
+            active(lease)
+            try:
+                yield
+            finally:
+                active(lease)
+
     def with_session(lease: Lease) -> tuple[InteractiveSession, int]:
         if lease.session is None:
             raise HTTPException(409, "no image in this session: call set_image first")
@@ -415,8 +426,7 @@ def router(*, segmenter: Segmenter, config: ServeConfig, engine_lock: threading.
             if packed.shape[0] != 1:
                 raise InputError(f"the image has {packed.shape[0]} channels; MCP-MedSAM takes one ([1, A0, A1, A2])")
             raw = unpack(body, packed)[0]
-            with lease.lock:
-                active(lease)
+            with acting(lease):
                 lease.close()
                 session = InteractiveSession.from_native(segmenter=segmenter, raw=raw, modality=config.modality,
                                                          cache_slices=cache_slices, engine_lock=engine_lock)
@@ -431,8 +441,7 @@ def router(*, segmenter: Segmenter, config: ServeConfig, engine_lock: threading.
     @api.post("/set_target_buffer", dependencies=guarded, summary="Start a new object in a buffer of this shape")
     def set_target_buffer(payload: dict, lease: Lease = Depends(lease_of)) -> dict[str, Any]:
         shape, name = payload.get("shape"), payload.get("dtype")
-        with lease.lock:
-            active(lease)
+        with acting(lease):
             if lease.session is None:
                 raise HTTPException(409, "no image in this session: call set_image first")
             if not isinstance(shape, list) or shape != list(lease.session.shape) or \
@@ -457,24 +466,21 @@ def router(*, segmenter: Segmenter, config: ServeConfig, engine_lock: threading.
 
     @api.post("/reset_interactions", dependencies=guarded, summary="Clear the object and its interactions")
     def reset_interactions(lease: Lease = Depends(lease_of)) -> dict[str, Any]:
-        with lease.lock:
-            active(lease)
+        with acting(lease):
             if lease.session is not None and lease.obj is not None:
                 lease.session.reset(lease.obj)
         return {}
 
     @api.post("/undo", dependencies=guarded, summary="Undo the last step of the object")
     def undo(lease: Lease = Depends(lease_of)) -> Response:
-        with lease.lock:
-            active(lease)
+        with acting(lease):
             session, obj = with_session(lease)
             ran, bbox = session.undo(obj)
             return answer(lease, ran, bbox)
 
     @api.post("/predict", dependencies=guarded, summary="Run the interactions added with run_prediction false")
     def predict(payload: dict, lease: Lease = Depends(lease_of)) -> Response:
-        with lease.lock:
-            active(lease)
+        with acting(lease):
             session, obj = with_session(lease)
             ran, bbox = session.predict(obj)
             return answer(lease, ran, bbox)
@@ -483,8 +489,7 @@ def router(*, segmenter: Segmenter, config: ServeConfig, engine_lock: threading.
     def add_bbox(payload: dict, lease: Lease = Depends(lease_of)) -> Response:
         box = _box(payload.get("bbox_coords"), "bbox_coords")
         include, run = _flag(payload, "include_interaction"), _flag(payload, "run_prediction", True)
-        with lease.lock:
-            active(lease)
+        with acting(lease):
             session, obj = with_session(lease)
             bbox = session.add_box(obj, box, include=include, run=run)
             return answer(lease, run, bbox)
@@ -510,8 +515,7 @@ def router(*, segmenter: Segmenter, config: ServeConfig, engine_lock: threading.
 
         def work() -> Response:
             mask = unpack(body, parse_packed(body, kinds=MASK_KINDS, ndim=3, max_bytes=config.max_image_bytes))
-            with lease.lock:
-                active(lease)
+            with acting(lease):
                 session, obj = with_session(lease)
                 return answer(lease, run, session.add_lasso(obj, mask, at=at, include=include, run=run))
 
@@ -524,8 +528,7 @@ def router(*, segmenter: Segmenter, config: ServeConfig, engine_lock: threading.
 
         def work() -> Response:
             mask = unpack(body, parse_packed(body, kinds=MASK_KINDS, ndim=3, max_bytes=config.max_image_bytes))
-            with lease.lock:
-                active(lease)
+            with acting(lease):
                 session, obj = with_session(lease)
                 bbox = session.set_initial(obj, mask)
                 return answer(lease, bool(meta.get("run_prediction", False)), bbox)
