@@ -418,6 +418,7 @@ def create_app(*, segmenter: Segmenter, config: ServeConfig) -> FastAPI:
                       "backend": segmenter.engine.backend, "image_size": m.image_size, "clip": m.has_clip,
                       "gflops": {name: g.gflops for name, g in m.graphs.items()}},
             "modalities": list(segmenter.modalities),
+            "prompts": {"points": segmenter.supports_points},
             "formats": {"upload": sorted(uploads.suffixes()), "labels_2d": [results.PNG, results.JSON, results.NPZ],
                         "labels_3d": [results.NPZ, results.JSON] + [results.NIFTI] * results.can_write_nifti(),
                         "native_volumes": results.can_write_nifti()},

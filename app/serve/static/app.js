@@ -11,6 +11,7 @@
     info: null, image: null, is3d: false, z: 0, boxes: [], selected: -1,
     labels: null, labelShape: null, labelBoxes: null, iou: [], applied: 0,
     pending: false, dirty: false, error: null, slices: new Map(), needsModality: false,
+    clicks: new Map(), clickHistory: [],  // box -> [{x, y, z, fg}] in the order made; boxes clicked, for undo
   };
   window.mcpMedsam = state;
 
@@ -98,6 +99,38 @@
       ctx.setLineDash(i === state.selected ? [6 * dpr, 3 * dpr] : []);
       // Box corners are pixel indices (max inclusive): the outline runs round the pixels.
       ctx.strokeRect(b.x0 * sx, b.y0 * sy, (b.x1 - b.x0 + 1) * sx, (b.y1 - b.y0 + 1) * sy);
+      ctx.setLineDash([]);
+      for (const c of clicksOf(b)) {  // foreground green, background red, on the slice they were made on
+        if (state.is3d && c.z !== state.z) continue;
+        ctx.fillStyle = c.fg ? "rgb(40,220,60)" : "rgb(235,40,40)";
+        ctx.beginPath();
+        ctx.arc((c.x + 0.5) * sx, (c.y + 0.5) * sy, 4 * dpr, 0, 2 * Math.PI);
+        ctx.fill();
+      }
+    }
+  }
+
+  function clicksOf(b) { return state.clicks.get(b) || []; }
+
+  // A click on the selected box's object: foreground (left button) or background (right button, or shift).
+  function addClick(b, p, fg) {
+    if (!state.info || !state.info.prompts || !state.info.prompts.points) {
+      setStatus("This model takes boxes only: clicks need a model with point prompts.", true);
+      return;
+    }
+    state.clicks.set(b, [...clicksOf(b), { x: p.x, y: p.y, z: state.z, fg }]);
+    state.clickHistory.push(b);
+    boxesChanged();
+  }
+
+  function undoClick() {
+    while (state.clickHistory.length) {
+      const b = state.clickHistory.pop();
+      if (state.boxes.includes(b) && clicksOf(b).length) {
+        state.clicks.set(b, clicksOf(b).slice(0, -1));
+        boxesChanged();
+        return;
+      }
     }
   }
 
@@ -152,6 +185,7 @@
     });
     const any = state.boxes.length > 0;
     $("delete-box").disabled = state.selected < 0;
+    $("undo-click").disabled = !state.clickHistory.some((b) => state.boxes.includes(b) && clicksOf(b).length);
     $("clear").disabled = !any;
     $("propagate").disabled = !any || state.pending;
   }
@@ -189,6 +223,10 @@
 
   function segmentBody() {
     const body = { boxes: boxRows() };
+    if (state.boxes.some((b) => clicksOf(b).length)) {
+      body.points = state.boxes.map((b) => clicksOf(b).map((c) => state.is3d ? [c.x, c.y, c.z] : [c.x, c.y]));
+      body.point_labels = state.boxes.map((b) => clicksOf(b).map((c) => (c.fg ? 1 : 0)));
+    }
     if ($("modality").value) body.modality = $("modality").value;
     return JSON.stringify(body);
   }
@@ -293,16 +331,22 @@
     $("modality").focus();
   }
 
+  boxCanvas.addEventListener("contextmenu", (ev) => ev.preventDefault());  // the right button clicks background
   boxCanvas.addEventListener("pointerdown", (ev) => {
-    if (!state.image || ev.button !== 0) return;
+    if (!state.image || (ev.button !== 0 && ev.button !== 2)) return;
     if (state.needsModality) { askModality(); return; }
-    boxCanvas.setPointerCapture(ev.pointerId);
-    boxCanvas.focus();
     const p = toImage(ev);
     const i = hit(p);
+    if (ev.button === 2 || ev.shiftKey) {
+      if (i >= 0 && i === state.selected) addClick(state.boxes[i], p, false);
+      return;
+    }
+    boxCanvas.setPointerCapture(ev.pointerId);
+    boxCanvas.focus();
     if (i >= 0) {
+      const wasSelected = i === state.selected;
       select(i);
-      drag = { mode: "move", start: p, box: state.boxes[i], orig: Object.assign({}, state.boxes[i]) };
+      drag = { mode: "move", start: p, box: state.boxes[i], orig: Object.assign({}, state.boxes[i]), wasSelected };
     } else {
       drag = { mode: "draw", start: p, box: { x0: p.x, y0: p.y, x1: p.x, y1: p.y } };
     }
@@ -339,7 +383,10 @@
       state.selected = state.boxes.length - 1;
       boxesChanged();
     } else if (d.box.x0 !== d.orig.x0 || d.box.y0 !== d.orig.y0) {
+      state.clicks.delete(d.box);  // the clicks were on the object of the box where it was
       boxesChanged();
+    } else if (d.wasSelected) {
+      addClick(d.box, d.start, true);  // a click, not a move, on the selected box: foreground
     }
   }
   boxCanvas.addEventListener("pointerup", endDrag);
@@ -355,8 +402,10 @@
   document.addEventListener("keydown", (ev) => {
     if (["INPUT", "SELECT", "TEXTAREA"].includes(ev.target.tagName)) return;
     if (ev.key === "Delete" || ev.key === "Backspace") { ev.preventDefault(); deleteSelected(); }
+    if (ev.key === "z" && (ev.ctrlKey || ev.metaKey)) { ev.preventDefault(); undoClick(); }
   });
   $("delete-box").addEventListener("click", deleteSelected);
+  $("undo-click").addEventListener("click", undoClick);
   $("clear").addEventListener("click", () => { state.boxes = []; state.selected = -1; boxesChanged(); });
   $("propagate").addEventListener("click", propagate);
 
