@@ -78,7 +78,9 @@ class ClickConfig:
     data_dirs: tuple[str, ...] = field(metadata=_h("Folders of CVPR24 .npz cases (either layout)."))
     out_dir: str = field(metadata=_h("Output folder: cache, teacher logits, checkpoints, logs."))
     init: str = field(default="warm_start", metadata=_h(
-        "Start weights: 'warm_start' (MCP-MedSAM warm-started from LiteMedSAM) or an MCP-MedSAM checkpoint."))
+        "Start weights: 'warm_start' (MCP-MedSAM warm-started from LiteMedSAM), an MCP-MedSAM checkpoint, or "
+        "an exported folder without CLIP tower (e.g. weights: its model recovered from the IR by "
+        "mcp_medsam_torch.recover)."))
     teacher: str | None = field(default=None, metadata=_h(
         "Exported model folder whose box-only masks the box round keeps (default: the bundled weights)."))
     held_out: tuple[str, ...] = field(default=HELD_OUT, metadata=_h(
@@ -118,6 +120,10 @@ class ClickConfig:
 def _student(cfg: ClickConfig) -> MCPMedSAM:
     if cfg.init == "warm_start":
         model, _, _ = warm_start_from_litemedsam(seed=cfg.seed)
+    elif Path(cfg.init).is_dir():  # an exported folder: its model recovered from the IR
+        from mcp_medsam_torch.recover import recover_checkpoint
+
+        model, _ = recover_checkpoint(Path(cfg.init), warm_start_from_litemedsam(seed=cfg.seed)[0])
     else:
         model, _ = load_mcp_medsam(cfg.init, variant=cfg.variant if cfg.variant != "mcp_medsam" else None)
     return model.eval()
@@ -326,21 +332,52 @@ def evaluate_sessions(model: MCPMedSAM, cases: list[CachedCase], *, texts: torch
     return out
 
 
+@torch.no_grad()
+def box_agreement(model: MCPMedSAM, cases: list[CachedCase], teacher: list[np.ndarray], *, texts: torch.Tensor,
+                  tokens: tuple[str, ...], dense: torch.Tensor | None, batch: int = 8) -> dict[str, Any]:
+    """Per-box Dice of the model's box-only masks with the teacher's at the original resolution, over
+    every cached prompt (given and propagation-style boxes of every cached slice). An empty pair
+    agrees (1). Returns mean, min, the share >= 0.98, and 2D / 3D means."""
+    size = model.config.image_size
+    agree: list[float] = []
+    dims: list[int] = []
+    for ci, c in enumerate(cases):
+        for j0 in range(0, len(c.pos), batch):
+            js = list(range(j0, min(j0 + batch, len(c.pos))))
+            b = assemble([c], [(0, j) for j in js], [c.grid[j] for j in js], [c.crop[j] for j in js], tokens=tokens,
+                         size=size, crop_size=model.config.embedding_size, clip_size=None, with_target=False,
+                         device=torch.device("cpu"))
+            logits = decode(model, b, texts, dense).numpy()[:, 0]
+            for k, j in enumerate(js):
+                i = int(c.pos[j])
+                hw, orig = tuple(int(v) for v in c.new_hw[i]), tuple(c.gt.shape[1:])
+                ours = postprocess_logits(logits[k], hw, orig)
+                theirs = postprocess_logits(np.asarray(teacher[ci][j], np.float32), hw, orig)
+                total = int(ours.sum()) + int(theirs.sum())
+                agree.append(1.0 if total == 0 else 2.0 * int((ours & theirs).sum()) / total)
+                dims.append(c.record.ndim)
+    a, d = np.asarray(agree), np.asarray(dims)
+    return {"boxes": int(len(a)), "mean": float(a.mean()), "min": float(a.min()),
+            "share_ge_0.98": float((a >= 0.98).mean()),
+            "mean_2d": float(a[d == 2].mean()) if (d == 2).any() else None,
+            "mean_3d": float(a[d == 3].mean()) if (d == 3).any() else None}
+
+
 # ----------------------------------------------------------------------------------------------- run
 
-def _link_cache(src: Path, dst: Path, records: list, encoder: LiteMedSAM, cfg: ClickConfig) -> int:
-    """Hard links of another run's cached training cases where they are exactly what this run would
-    cache (same slices, training split, encoder): :func:`~.embedding_cache.build_cache` then reuses them
-    and never writes into a linked file. Returns the number of cases linked."""
+def _link_cache(src: Path, dst: Path, records: list, held_out: list, encoder: LiteMedSAM, cfg: ClickConfig) -> int:
+    """Hard links of another run's cached cases where they are exactly what this run would cache (same
+    slices, split, encoder; ``held_out[i]`` for ``records[i]``): :func:`~.embedding_cache.build_cache`
+    then reuses them and never writes into a linked file. Returns the number of cases linked."""
     digest = state_digest(encoder)[:16]
     linked = 0
-    for rec in records:
+    for rec, held in zip(records, held_out):
         case, mine = src / rec.key, dst / rec.key
         if not (case / "done.json").is_file() or (mine / "done.json").exists():
             continue
         d = json.loads((case / "done.json").read_text())
-        want = chosen_slices(rec, cfg.max_slices_per_case, paired=True)
-        if d.get("slices") != want or d.get("held_out") is not False or d.get("teacher") != digest:
+        want = chosen_slices(rec, cfg.eval_slices_per_case if held else cfg.max_slices_per_case, paired=not held)
+        if d.get("slices") != want or d.get("held_out") is not held or d.get("teacher") != digest:
             continue
         mine.mkdir(parents=True, exist_ok=True)
         for f in case.iterdir():
@@ -378,8 +415,9 @@ def run_click_training(cfg: ClickConfig) -> Path:
     val_ids = [i for i, n in enumerate(names) if n in cfg.held_out]
     train_ids = [i for i in range(len(names)) if i not in val_ids]
     if cfg.cache_from:
-        summary["cache_linked"] = _link_cache(Path(cfg.cache_from), out / "cache",
-                                              [index.cases[i] for i in train_ids], encoder, cfg)
+        ids = train_ids + val_ids
+        summary["cache_linked"] = _link_cache(Path(cfg.cache_from), out / "cache", [index.cases[i] for i in ids],
+                                              [i in val_ids for i in ids], encoder, cfg)
     t0 = time.time()
     train, val = build_cache(_cache_settings(cfg), index, train_ids, val_ids, encoder, device)
     summary["split"] = {"train": [c.record.name for c in train], "held_out": [c.record.name for c in val]}
@@ -408,6 +446,9 @@ def run_click_training(cfg: ClickConfig) -> Path:
                          summary=summary)
     summary.pop("after", None)
     judge("after")
+    summary["box_agreement_sample"] = box_agreement(student, train + val, t_train + (t_val or []), texts=texts,
+                                                    tokens=tokens, dense=dense)
+    print(f"box-only agreement with the teacher per box: {summary['box_agreement_sample']}")
     summary["final_checkpoint"] = str(final)
     write_json(summary_path, summary)
     return final
