@@ -293,7 +293,8 @@ class Segmenter:
         d, h, w = vol.shape
         checked = prompts.check_boxes(np.asarray(boxes), (w, h, d))
         row = self.modality_row(modality)
-        clicks = self._check_clicks(points, point_labels, len(checked), (w, h, d))
+        clicks = self._check_clicks(points, point_labels, len(checked), (w, h, d)) or \
+            [(np.zeros((0, 3), np.int64), np.zeros(0, np.int64))] * len(checked)  # no clicks: the box round
         mids = (checked[:, 2] + checked[:, 5]) // 2 if starts is None else np.asarray(starts, np.int64).reshape(-1)
         if len(mids) != len(checked) or ((mids < checked[:, 2]) | (mids > checked[:, 5])).any():
             raise InputError(f"starts {mids.tolist()} must give one slice per box, each within its z range")
@@ -302,12 +303,12 @@ class Segmenter:
             if prev.shape != vol.shape or prev.dtype.kind not in "iu":
                 raise InputError(f"prev has shape {prev.shape} and dtype {prev.dtype}; expected integer labels "
                                  f"shaped like the volume {vol.shape}")
-        elif clicks is not None and any(len(lab) for _, lab in clicks):
+        elif any(len(lab) for _, lab in clicks):
             older = prompts.pad_points([pts[:-1] for pts, _ in clicks], [lab[:-1] for _, lab in clicks], dim=3)
             prev = self.refine_volume(vol, checked, modality, points=older[0].astype(np.int64), point_labels=older[1],
                                       cache=cache, starts=mids)
         walks = []
-        for label, (b, z, (pts, lab)) in enumerate(zip(checked, mids, clicks or []), start=1):
+        for label, (b, z, (pts, lab)) in enumerate(zip(checked, mids, clicks), start=1):
             lo, hi = int(b[2]), int(b[5])
             if not len(lab):
                 walks.append(Walk(label, b[[0, 1, 3, 4]], int(z), lo, hi))

@@ -93,6 +93,8 @@ def test_refine_rule(tiny):
     # No clicks: the box round.
     np.testing.assert_array_equal(tiny.refine_volume(imgs, boxes, "MR", points=none[0], point_labels=none[1],
                                                      cache=cache), box_round)
+    np.testing.assert_array_equal(tiny.refine_volume(imgs, boxes, "MR", points=None, point_labels=None, cache=cache),
+                                  box_round)
     # A click on a box's own slice (z_mid): that slice is what the 2D call gives with the box and the click.
     b = boxes[0]
     z = int((b[2] + b[5]) // 2)
