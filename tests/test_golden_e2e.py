@@ -99,3 +99,19 @@ def test_onnxruntime_backend_on_two_cases(golden_weights, predicted, tmp_path):
         with np.load(predicted / n) as a, np.load(tmp_path / "out" / n) as b:
             labels = [v for v in np.unique(a["segs"]) if v]
             assert labels and all(_dice(a["segs"] == v, b["segs"] == v) >= 0.999 for v in labels), n
+
+
+def test_live_crop_net_is_kept(golden_weights, tmp_path):
+    """The authors' layout with a live crop CNN (non-zero last conv): nothing is provably constant, so
+    the fold leaves the per-box graph alone and the crops input stays."""
+    import json
+    import shutil
+
+    from mcp_medsam_torch.fold import fold_ir
+
+    dec = json.loads((golden_weights / "manifest.json").read_text())["graphs"]["decoder"]
+    assert "crops" in dec["inputs"] and "folded" not in dec
+    for p in golden_weights.glob("decoder.*"):
+        shutil.copy(p, tmp_path / p.name)
+    result = fold_ir(tmp_path / "decoder.xml", compress_to_fp16=False)
+    assert not result.folded and not result.zero_weights and "nothing input-independent" in result.reason
