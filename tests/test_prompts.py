@@ -112,8 +112,10 @@ def test_covered_slices_and_label_dtype():
 
 def test_decoder_feed_has_the_graph_inputs():
     inputs = load_manifest(bundled_weights()).graphs["decoder"].inputs
+    # The bundled per-box graph has its constant crop CNN folded away: no crops input, none fed.
+    crops = np.zeros((2, 3, 64, 64)) if "crops" in inputs else None
     feed = prompts.decoder_feed(embeddings=np.zeros((1, 256, 64, 64)), embedding_index=[0, 0],
-                                boxes=np.zeros((2, 4)), crops=np.zeros((2, 3, 64, 64)), modality_index=[1, 1])
+                                boxes=np.zeros((2, 4)), crops=crops, modality_index=[1, 1])
     assert set(feed) == set(inputs)
     for name, spec in inputs.items():
         assert feed[name].dtype == np.dtype(spec.dtype), name
