@@ -181,6 +181,27 @@ def test_2d_box_on_another_axis_equals_segment_volume_of_the_transposed_volume(s
     assert not session.objects and session.volume.size == 0
 
 
+def test_3d_box_and_lasso_follow_segment_volume(seg):
+    """A 3D box is segment_volume's own 3D box; a lasso is its bounding box on its slice, as a 2D box."""
+    raw = hippocampus_crop()[:4]  # 4 x 51 x 35
+    session = InteractiveSession.from_native(segmenter=seg, raw=raw, modality="MR", cache_slices=16)
+    boxed, lassoed = session.new_object(), session.new_object()
+    session.add_box(boxed, [[0, 4], [31, 45], [9, 28]])
+    ref = seg.segment_volume(convert(raw, "MR"), [[9, 31, 0, 27, 44, 3]], "MR") == 1
+    assert ref.any()
+    np.testing.assert_array_equal(session.mask(boxed), ref)
+    ring = np.zeros((1, 14, 19), np.uint8)
+    cv2.ellipse(ring[0], (9, 7), (9, 6), 0, 0, 360, 1, -1)  # a filled lasso
+    session.add_lasso(lassoed, ring, at=[[2, 3], [31, 45], [9, 28]])
+    ys, xs = np.nonzero(ring[0])
+    fresh = session.new_object()
+    session.add_box(fresh, [[2, 3], [31 + ys.min(), 32 + ys.max()], [9 + xs.min(), 10 + xs.max()]])
+    assert session.mask(fresh).any()
+    np.testing.assert_array_equal(session.mask(lassoed), session.mask(fresh))
+    with pytest.raises(InputError, match="one slice"):
+        session.add_lasso(lassoed, np.ones((2, 3, 3), np.uint8), at=[[0, 2], [0, 3], [0, 3]])
+
+
 # ---------------------------------------------------------------- the real client against a real server
 
 
