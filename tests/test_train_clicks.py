@@ -73,6 +73,8 @@ def test_tiny_click_training_resumes_exactly_and_judges_held_out(tmp_path: Path,
         assert 0 <= s[key]["box_agreement_mean"] <= 1
     # before training, the student is the teacher's checkpoint: the box round agrees with its export
     assert s["before"]["box_agreement_min"] > 0.98
+    agree = s["box_agreement_sample"]
+    assert agree["boxes"] > 3 and 0 <= agree["min"] <= agree["mean"] <= 1 and agree["mean_3d"] is not None
     rows = list(csv.DictReader(open(whole / "clicks_steps.csv")))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4] and all(1 <= int(r["clicks"]) <= 3 for r in rows)
     assert all(np.isfinite(float(r["loss"])) for r in rows)
