@@ -219,6 +219,10 @@ def test_claim_capabilities_and_the_key(server):
         assert c.supports_undo and not c.supports_initial_label
         assert "LiteMedSAM" in c.license and c.idle_timeout_seconds == 600 and c.liveness_timeout_seconds == 60
         assert c.ping() and c.lease_status()["remaining_seconds"] > 590
+        with pytest.raises(httpx.HTTPStatusError) as err:  # a box-only model: a click is a 400 JSON answer
+            c.add_point_interaction([0, 0, 0], include_interaction=True)
+        refused = err.value.response
+        assert refused.status_code == 400 and "points are not supported" in refused.json()["detail"]
 
 
 def test_volume_box_undo_reset_release(server, seg):

@@ -19,10 +19,26 @@ What the model does with each interaction (MCP-MedSAM takes boxes; it has no mas
 - lasso: its bounding box on its slice, then as a 2D box.
 - initial mask: the object's starting mask (the model does not refine it; later boxes add to it or cut
   from it).
+- point (models with :attr:`Segmenter.supports_points` only), ``(a0, a1, a2)`` voxel indices; include = a
+  foreground click, exclude = a background click. It refines the object's last including box (2D, 3D or
+  lasso): that box and every click made since are run again through :meth:`Segmenter.refine_volume` along
+  the box's axis (a 3D box: axis 0), the click on its slice of that axis, with the object's mask as
+  ``prev``; the box's part of the object is replaced by the result (the rest of the object stays).
+  Equivalent Segmenter call, with ``vol_k``/``mask_k`` the volume and the object's mask transposed so that
+  the box's axis ``k`` comes first and the clicks as (x, y, z) in that order (z on axis ``k``):
+  ``refine_volume(vol_k, [box6], modality, points=[clicks], point_labels=[1 or 0 each], prev=mask_k,
+  starts=[s])``, where ``box6`` is ``[x0, y0, lo, x1, y1, hi]`` (max inclusive) with ``lo..hi`` the
+  slices the 2D box's walk gave (for a 3D box its own range, ``s`` its middle slice) and ``s`` the box's
+  slice. A foreground click on an object with no box starts it: a box of the click's pixel on its
+  slice of axis 0 (the model widens it by its 3-px margin around the click: a 7x7 box) with the click,
+  that one slice (``refine_volume(vol, [[x, y, z, x + 1, y + 1, z]], ..., points=[[[x, y, z]]],
+  point_labels=[[1]])``); later foreground clicks on other slices widen its range (the refine rule). A
+  background click with no box to refine is refused (InputError).
 
-Per object (one object = one target mask): an including interaction adds what the model segments to
-the object, an excluding one removes it. Undo restores the object as it was before the last step
-(several levels, bounded by ``undo_bytes``); reset clears the object.
+Per object (one object = one target mask): an including box adds what the model segments to the
+object, an excluding one removes it. Undo restores the object (its mask and the interactions a click
+refines) as it was before the last step, a step that changed nothing too (several levels, bounded by
+``undo_bytes``); reset clears the object.
 """
 
 from __future__ import annotations
@@ -68,6 +84,28 @@ def convert(raw: np.ndarray, modality: str) -> np.ndarray:
     return to_uint8(MedicalImage(array=raw, is_3d=True, source=Path("nninteractive"), format="array"), modality)
 
 
+class _AxisCache:
+    """The session's embedding cache seen by :meth:`Segmenter.refine_volume` on the volume transposed so
+    that ``axis`` comes first: its slice ``z`` is the session's key ``(axis, z)``, so the slices a box
+    embedded are not embedded again for its clicks."""
+
+    def __init__(self, cache: EmbeddingCache, axis: int) -> None:
+        self.cache, self.axis = cache, axis
+
+    @property
+    def array(self) -> np.ndarray:
+        return self.cache.array
+
+    def slot(self, z: int) -> int:
+        return self.cache.slot((self.axis, z))
+
+    def missing(self, zs: list[int]) -> list[int]:
+        return [z for _, z in self.cache.missing([(self.axis, z) for z in zs])]
+
+    def put(self, zs: list[int], embeddings: np.ndarray, pinned: set[int]) -> None:
+        self.cache.put([(self.axis, z) for z in zs], embeddings, {(self.axis, z) for z in pinned})
+
+
 class _Slices:
     """Slices of a volume by ``(axis, index)`` keys, each a contiguous (H, W) uint8 copy (what the
     Segmenter's encoder step reads with ``source[key]``)."""
@@ -81,26 +119,65 @@ class _Slices:
 
 
 @dataclass
-class Step:
-    """One undoable change of an object: the region it changed and what was there before (packed bits)."""
+class Bits:
+    """A bool (A0, A1, A2) mask kept small: the bbox of its voxels (half-open) and their packed bits."""
 
-    bbox: Box
-    before: np.ndarray
-    shape: tuple[int, ...]
+    bbox: Box | None
+    packed: np.ndarray
 
-    @property
-    def nbytes(self) -> int:
-        return self.before.nbytes
+    @classmethod
+    def of(cls, mask: np.ndarray) -> Bits:
+        box = changed_bbox(np.zeros_like(mask), mask)
+        return cls(box, np.packbits(mask[_slicer(box)], axis=None) if box else np.zeros(0, np.uint8))
+
+    def unpack(self, shape: tuple[int, ...]) -> np.ndarray:
+        out = np.zeros(shape, bool)
+        if self.bbox is not None:
+            sub = tuple(hi - lo for lo, hi in self.bbox)
+            out[_slicer(self.bbox)] = np.unpackbits(self.packed, count=int(np.prod(sub))).reshape(sub).astype(bool)
+        return out
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """What a click refines: a box on ``axis`` as :meth:`Segmenter.refine_volume` takes it in the volume
+    transposed so that ``axis`` comes first: ``box`` x0, y0, z0, x1, y1, z1 (max inclusive, z along
+    ``axis``) and ``start`` the slice that keeps the given box."""
+
+    axis: int
+    box: tuple[int, ...]
+    start: int
 
 
 @dataclass
 class Interaction:
-    """A prompt as given: ``kind`` bbox2d | bbox3d | lasso | initial; ``box`` half-open per axis."""
+    """A prompt as given: ``kind`` bbox2d | bbox3d | lasso | initial | point; ``box`` half-open per axis;
+    ``point`` (a0, a1, a2). Boxes that include (and a click that starts an object) are ``anchor`` for
+    later clicks; ``region`` is what the anchor's box and its clicks gave last (packed)."""
 
     kind: str
     include: bool
     box: Box | None = None
     mask: np.ndarray | None = None
+    point: tuple[int, int, int] | None = None
+    anchor: Anchor | None = None
+    region: Bits | None = None
+
+
+@dataclass
+class Step:
+    """One undoable change of an object: the region it changed and what was there before (packed bits;
+    bbox None: a step that changed nothing), and the object's interactions before it."""
+
+    bbox: Box | None
+    before: np.ndarray
+    shape: tuple[int, ...]
+    interactions: list[Interaction] = field(default_factory=list)
+    extra: int = 0  # bytes of the regions the step's interactions keep
+
+    @property
+    def nbytes(self) -> int:
+        return self.before.nbytes + self.extra
 
 
 @dataclass
@@ -222,14 +299,29 @@ class InteractiveSession:
         box = [[lo + o, hi + o] for (lo, hi), (o, _) in zip(box, at)]
         return self._queue(oid, Interaction("lasso", include, box=box), run)
 
+    def add_point(self, oid: int, point, *, include: bool = True, run: bool = True) -> Box | None:
+        """A click at ``point`` (a0, a1, a2) voxel indices: foreground (include) or background; see the
+        module's docstring for what it refines. Needs a model with point prompts."""
+        if not self.segmenter.supports_points:
+            raise InputError("clicks need a model with point prompts; this model takes boxes only")
+        try:
+            at = [float(v) for v in point]
+        except (TypeError, ValueError):
+            raise InputError(f"a point is [a0, a1, a2] voxel indices, got {point!r}") from None
+        if len(at) != 3 or not all(np.isfinite(at)):
+            raise InputError(f"a point is [a0, a1, a2] voxel indices, got {point!r}")
+        p = tuple(int(round(v)) for v in at)
+        if any(not 0 <= v < n for v, n in zip(p, self.shape)):
+            raise InputError(f"the point {list(p)} lies outside the image {list(self.shape)}")
+        return self._queue(oid, Interaction("point", include, point=p), run)
+
     def set_initial(self, oid: int, mask: np.ndarray) -> Box | None:
         """The object's mask becomes ``mask`` (non-zero = object): one undoable step; interactions reset."""
         if tuple(mask.shape) != self.shape:
             raise InputError(f"the initial mask has shape {list(mask.shape)}; the image has {list(self.shape)}")
         obj = self._object(oid)
-        obj.interactions = [Interaction("initial", True)]
         obj.pending.clear()
-        return self._commit(obj, mask != 0)
+        return self._commit(obj, mask != 0, [Interaction("initial", True)])
 
     def predict(self, oid: int) -> tuple[bool, Box | None]:
         """Run the interactions added with ``run=False``: (anything ran, changed bbox)."""
@@ -244,12 +336,13 @@ class InteractiveSession:
         if not obj.history:
             return False, None
         step = obj.history.pop()
+        obj.interactions = step.interactions
+        if step.bbox is None:
+            return True, None
         region = obj.mask[_slicer(step.bbox)]
         old = np.unpackbits(step.before, count=int(np.prod(step.shape))).reshape(step.shape).astype(bool)
         box = changed_bbox(region, old)
         region[...] = old
-        if obj.interactions:
-            obj.interactions.pop()
         if box is None:
             return True, None
         return True, [[a + lo, b + lo] for (a, b), (lo, _) in zip(box, step.bbox)]
@@ -292,34 +385,72 @@ class InteractiveSession:
         return self._run(obj) if run else None
 
     def _run(self, obj: SegObject) -> Box | None:
-        """Apply the pending interactions in order, as one undoable step."""
-        new = obj.mask.copy()
+        """Apply the pending interactions in order, as one undoable step (nothing changes if one fails)."""
+        new, done = obj.mask.copy(), list(obj.interactions)
         try:
             for inter in obj.pending:
-                region = self._segment(inter)
-                if inter.include:
-                    new |= region
+                if inter.kind == "point":
+                    new = self._click(done, inter, new)
                 else:
-                    new &= ~region
+                    region, anchor = self._segment(inter)
+                    if inter.include:
+                        new |= region
+                        inter.anchor, inter.region = anchor, Bits.of(region)
+                    else:
+                        new &= ~region
+                done.append(inter)
         finally:
-            done, obj.pending = obj.pending, []
-        obj.interactions.extend(done)
-        return self._commit(obj, new)
+            obj.pending = []
+        return self._commit(obj, new, done)
 
-    def _commit(self, obj: SegObject, new: np.ndarray) -> Box | None:
+    def _commit(self, obj: SegObject, new: np.ndarray, interactions: list[Interaction]) -> Box | None:
+        """The object becomes ``new`` with ``interactions``: one undo step, even when no voxel changed."""
         box = changed_bbox(obj.mask, new)
+        added = [i for i in interactions if not any(i is j for j in obj.interactions)]
+        extra = sum(i.region.packed.nbytes for i in added if i.region is not None)
         if box is None:
-            return None
-        sl = _slicer(box)
-        before = obj.mask[sl]
-        obj.history.append(Step(box, np.packbits(before, axis=None), before.shape))
+            obj.history.append(Step(None, np.zeros(0, np.uint8), (0,), obj.interactions, extra))
+        else:
+            before = obj.mask[_slicer(box)]
+            obj.history.append(Step(box, np.packbits(before, axis=None), before.shape, obj.interactions, extra))
+            obj.mask[_slicer(box)] = new[_slicer(box)]
+        obj.interactions = interactions
         while obj.history and sum(s.nbytes for s in obj.history) > self.undo_bytes:
             obj.history.pop(0)
-        obj.mask[sl] = new[sl]
         return box
 
-    def _segment(self, inter: Interaction) -> np.ndarray:
-        """(A0, A1, A2) bool: what the model segments for one box interaction."""
+    def _click(self, done: list[Interaction], inter: Interaction, mask: np.ndarray) -> np.ndarray:
+        """The object's mask after a click (``done``: its interactions so far, oldest first): the last
+        anchor's box and its clicks since, through :meth:`Segmenter.refine_volume`; the anchor's previous
+        region replaced by the result."""
+        at = next((i for i in range(len(done) - 1, -1, -1) if done[i].anchor is not None), None)
+        if at is None:
+            if not inter.include:
+                raise InputError("a background click needs an object to refine: draw a box or click on the "
+                                 "object first")
+            a0, a1, a2 = inter.point
+            inter.anchor = Anchor(0, (a2, a1, a0, a2 + 1, a1 + 1, a0), a0)
+            chain, old = [inter], np.zeros(self.shape, bool)
+        else:
+            chain = [i for i in done[at:] if i.kind == "point"] + [inter]
+            old = next(i.region for i in reversed(done[at:]) if i.region is not None).unpack(self.shape)
+        anchor = inter.anchor if at is None else done[at].anchor
+        order = [anchor.axis] + [k for k in range(3) if k != anchor.axis]
+        points = [[c.point[order[2]], c.point[order[1]], c.point[order[0]]] for c in chain]  # x, y, z
+        labels = [1 if c.include else 0 for c in chain]
+        prev = mask.transpose(order).astype(np.uint8)
+        cache = _AxisCache(self._shared_cache(), anchor.axis)
+        vol = np.ascontiguousarray(self.volume.transpose(order))
+        out = self._locked(lambda: self.segmenter.refine_volume(
+            vol, np.array([anchor.box]), self.modality, points=np.array([points]), point_labels=np.array([labels]),
+            prev=prev, cache=cache, starts=[anchor.start]))
+        region = (out == 1).transpose(np.argsort(order))
+        inter.region = Bits.of(region)
+        return (mask & ~old) | region
+
+    def _segment(self, inter: Interaction) -> tuple[np.ndarray, Anchor]:
+        """(A0, A1, A2) bool: what the model segments for one box interaction, and the box as a click's
+        anchor (a 2D box: over the slices its walk reached)."""
         box = inter.box
         axis = self._box_axis(box) if inter.kind != "bbox3d" else 0
         order = [axis] + [k for k in range(3) if k != axis]
@@ -327,10 +458,15 @@ class InteractiveSession:
         # Pixel boxes are max-inclusive (x0, y0, x1, y1) on a slice of the axis.
         xy = np.array([x0, y0, x1 - 1, y1 - 1], np.float64)
         if inter.kind == "bbox3d":  # a MCP-MedSAM 3D box: from its middle slice over its extent
-            out = self._locked(lambda: self._walk(0, (s0 + s1 - 1) // 2, xy, lo=s0, hi=s1 - 1, stop_empty=False))
+            mid = (s0 + s1 - 1) // 2
+            out = self._locked(lambda: self._walk(0, mid, xy, lo=s0, hi=s1 - 1, stop_empty=False))
+            anchor = Anchor(0, (x0, y0, s0, x1 - 1, y1 - 1, s1 - 1), mid)
         else:
             out = self._locked(lambda: self._walk(axis, s0, xy))
-        return out.transpose(np.argsort(order))
+            reached = np.flatnonzero(out.any(axis=(1, 2)))
+            lo, hi = (int(reached[0]), int(reached[-1])) if len(reached) else (s0, s0)
+            anchor = Anchor(axis, (x0, y0, lo, x1 - 1, y1 - 1, hi), s0)
+        return out.transpose(np.argsort(order)), anchor
 
     def _locked(self, fn):
         if self.lock is None:

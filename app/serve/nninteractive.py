@@ -298,7 +298,9 @@ def capabilities(segmenter: Segmenter) -> dict[str, Any]:
     """What this server's model does with nnInteractive's interactions (no claim needed to ask)."""
     m = segmenter.manifest
     return {
-        "supported_interactions": {"points": False, "bbox2d": True, "bbox3d": True, "scribble": False, "lasso": True},
+        # points: clicks refine the object's last box (mcp_medsam.interactive.session), for models that take them.
+        "supported_interactions": {"points": segmenter.supports_points, "bbox2d": True, "bbox3d": True,
+                                   "scribble": False, "lasso": True},
         # MCP-MedSAM has no interaction channels (boxes are prompt tokens, no mask input): nothing to map.
         "channel_mapping": {},
         "num_interaction_channels": 0,
@@ -494,9 +496,19 @@ def router(*, segmenter: Segmenter, config: ServeConfig, engine_lock: threading.
             bbox = session.add_box(obj, box, include=include, run=run)
             return answer(lease, run, bbox)
 
-    @api.post("/add_point_interaction", dependencies=guarded, summary="Not supported by this model (400)")
+    @api.post("/add_point_interaction", dependencies=guarded,
+              summary="A click refining the object's last box (models with point prompts; else 400)")
     def add_point(payload: dict, lease: Lease = Depends(lease_of)) -> Response:
-        raise HTTPException(400, "points are not supported by this server's model (see /capabilities)")
+        if not segmenter.supports_points:
+            raise HTTPException(400, "points are not supported by this server's model (see /capabilities)")
+        at = payload.get("coordinates")
+        if (not isinstance(at, list) or len(at) != 3 or
+                not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in at)):
+            raise HTTPException(422, "coordinates must be [a0, a1, a2] (voxel indices, one per axis)")
+        include, run = _flag(payload, "include_interaction"), _flag(payload, "run_prediction", True)
+        with acting(lease):
+            session, obj = with_session(lease)
+            return answer(lease, run, session.add_point(obj, at, include=include, run=run))
 
     @api.post("/add_scribble_interaction", dependencies=guarded, summary="Not supported by this model (400)")
     async def add_scribble(request: Request, lease: Lease = Depends(lease_of)) -> Response:
