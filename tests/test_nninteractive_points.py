@@ -106,3 +106,17 @@ def test_clicks_in_the_session_layer(tiny):
     np.testing.assert_array_equal(session.mask(across), ref.transpose(1, 2, 0))
     assert session.undo(across)[0]
     np.testing.assert_array_equal(session.mask(across), boxed)
+
+
+def test_a_click_on_a_3d_box_is_refine_volume_of_that_box(tiny):
+    """A 3D box is the anchor as it is: its own z range and middle slice (the CVPR 2025 box and clicks)."""
+    raw = hippocampus_crop()[:4]  # 4 x 51 x 35
+    session = InteractiveSession.from_native(segmenter=tiny, raw=raw, modality="MR", cache_slices=16)
+    oid = session.new_object()
+    session.add_box(oid, [[0, 4], [31, 45], [9, 28]])
+    boxed = session.mask(oid).copy()
+    session.add_point(oid, [2, 40, 30])  # (z, y, x): right of the box, one slice above its middle
+    ref = tiny.refine_volume(session.volume, [[9, 31, 0, 27, 44, 3]], "MR", points=[[[30, 40, 2]]],
+                             point_labels=[[1]], prev=boxed.astype(np.uint8), starts=[1]) == 1
+    assert not np.array_equal(ref, boxed)
+    np.testing.assert_array_equal(session.mask(oid), ref)
