@@ -94,6 +94,15 @@ def test_clicks_in_the_session_layer(tiny):
                              prev=np.zeros(vol.shape, np.uint8)) == 1
     np.testing.assert_array_equal(session.mask(started), ref)
     assert session.undo(started)[0] and not session.mask(started).any() and not session.objects[started].interactions
+    # A one-slice image flat on axis 1 (a 2D picture sent as (H, 1, W)): the click starts it on that plane.
+    flat = InteractiveSession.from_native(segmenter=tiny, raw=hippocampus()[:, 36:37, :], modality="MR",
+                                          cache_slices=4)
+    plane = flat.new_object()
+    flat.add_point(plane, [20, 0, 18])
+    ref = tiny.refine_volume(flat.volume.transpose(1, 0, 2), [[18, 20, 0, 19, 21, 0]], "MR", points=[[[18, 20, 0]]],
+                             point_labels=[[1]], prev=np.zeros((1, *flat.shape[::2]), np.uint8)) == 1
+    assert ref.any()
+    np.testing.assert_array_equal(flat.mask(plane), ref.transpose(1, 0, 2))
 
     across = session.new_object()
     session.add_box(across, [[6, 17], [0, 18], [3, 4]])  # z 6..16, all of y, on x = 3

@@ -30,10 +30,10 @@ What the model does with each interaction (MCP-MedSAM takes boxes; it has no mas
   starts=[s])``, where ``box6`` is ``[x0, y0, lo, x1, y1, hi]`` (max inclusive) with ``lo..hi`` the
   slices the 2D box's walk gave (for a 3D box its own range, ``s`` its middle slice) and ``s`` the box's
   slice. A foreground click on an object with no box starts it: a box of the click's pixel on its
-  slice of axis 0 (the model widens it by its 3-px margin around the click: a 7x7 box) with the click,
-  that one slice (``refine_volume(vol, [[x, y, z, x + 1, y + 1, z]], ..., points=[[[x, y, z]]],
-  point_labels=[[1]])``); later foreground clicks on other slices widen its range (the refine rule). A
-  background click with no box to refine is refused (InputError).
+  slice of axis 0 (a one-slice image: of its flat axis; the model widens it by its 3-px margin around
+  the click: a 7x7 box) with the click, that one slice (``refine_volume(vol, [[x, y, z, x + 1, y + 1,
+  z]], ..., points=[[[x, y, z]]], point_labels=[[1]])``); later foreground clicks on other slices widen
+  its range (the refine rule). A background click with no box to refine is refused (InputError).
 
 Per object (one object = one target mask): an including box adds what the model segments to the
 object, an excluding one removes it. Undo restores the object (its mask and the interactions a click
@@ -428,8 +428,9 @@ class InteractiveSession:
             if not inter.include:
                 raise InputError("a background click needs an object to refine: draw a box or click on the "
                                  "object first")
-            a0, a1, a2 = inter.point
-            inter.anchor = Anchor(0, (a2, a1, a0, a2 + 1, a1 + 1, a0), a0)
+            axis = next((k for k in range(3) if self.shape[k] == 1), 0)  # a 2D image: its own plane
+            z, y, x = (inter.point[k] for k in [axis] + [k for k in range(3) if k != axis])
+            inter.anchor = Anchor(axis, (x, y, z, x + 1, y + 1, z), z)
             chain, old = [inter], np.zeros(self.shape, bool)
         else:
             chain = [i for i in done[at:] if i.kind == "point"] + [inter]
