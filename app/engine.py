@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from . import prompts
 from .errors import EngineError, ManifestError, ModelError
 from .io.atomic import write_json
 from .locale_guard import keep_locale
@@ -577,9 +578,7 @@ class Engine:
         if "point_coords" in ins and "point_coords" not in feed:
             # A box-only feed for a graph that takes clicks: one padding point per box, which the graph
             # masks out: the box-only outputs (manifest "prompts", README "Click prompts in the model").
-            b = len(feed["boxes"])
-            feed = {**feed, "point_coords": np.zeros((b, 1, 2), np.float32),
-                    "point_labels": np.full((b, 1), -1.0, np.float32)}
+            feed = {**feed, **prompts.padding_points(len(feed["boxes"]))}
         missing = [k for k in ins if k not in feed]
         if missing:
             raise EngineError(f"the decoder graph needs {', '.join(missing)} (a model with a CLIP tower needs "

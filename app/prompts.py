@@ -262,6 +262,13 @@ def jitter_box(grid: np.ndarray, crop: np.ndarray, shifts: np.ndarray, *, hw: tu
     return g.astype(np.float32), c
 
 
+def padding_points(boxes: int) -> dict[str, np.ndarray]:
+    """The click inputs of a box-only prompt for a graph that takes clicks: one padding point per box
+    (label -1), which the graph masks out, so the outputs are the box-only ones (README "Click prompts
+    in the model"). Graphs without click inputs never read these names."""
+    return {"point_coords": np.zeros((boxes, 1, 2), np.float32), "point_labels": np.full((boxes, 1), -1.0, np.float32)}
+
+
 def decoder_feed(*, embeddings: np.ndarray, embedding_index: np.ndarray, boxes: np.ndarray,
                  crops: np.ndarray | None,
                  modality_index: np.ndarray, clip_features: np.ndarray | None = None,

@@ -71,7 +71,9 @@ class IR:
     def __init__(self, model: Any) -> None:
         self.compiled = compile_openvino(model)
         self.req = self.compiled.create_infer_request()
-        self.names = [p.get_any_name() for p in self.compiled.inputs]
+        # Every name of each input: an input can carry a second tensor name (point_labels: /Cast_output_0),
+        # and get_any_name() may return that one.
+        self.names = set().union(*(p.get_names() for p in self.compiled.inputs))
 
     def __call__(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         self.req.infer({k: v for k, v in feed.items() if k in self.names})
@@ -82,9 +84,12 @@ def _decoder_feed(emb: np.ndarray, sp: SlicePrompts, crop_size: int, idx: slice 
     cb, gb = sp.crop_boxes, sp.grid_boxes
     if idx is not None:
         cb, gb = cb[idx], gb[idx]
-    return prompts.decoder_feed(embeddings=emb[None], embedding_index=np.zeros(len(gb), np.int64), boxes=gb,
-                                crops=prompts.content_crops(sp.img, cb, crop_size),
-                                modality_index=np.full(len(gb), sp.row, np.int64))
+    # Box prompts only; a graph that takes clicks reads one padding point per box, one without them
+    # never reads those names (IR and the split chains feed by each graph's own input names).
+    return {**prompts.decoder_feed(embeddings=emb[None], embedding_index=np.zeros(len(gb), np.int64), boxes=gb,
+                                   crops=prompts.content_crops(sp.img, cb, crop_size),
+                                   modality_index=np.full(len(gb), sp.row, np.int64)),
+            **prompts.padding_points(len(gb))}
 
 
 def _decode_all(dec: Callable, emb: np.ndarray, sp: SlicePrompts, crop_size: int, batch: int) -> np.ndarray:

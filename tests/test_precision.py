@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import SAMPLE, need, run_cli
-from mcp_medsam import Segmenter
+from mcp_medsam import Segmenter, prompts
 from mcp_medsam.engine import CpuFeatures, EngineError, content_key, cpu_features, resolve_precision
 from mcp_medsam.errors import ManifestError, ModelError
 from mcp_medsam.manifest import SegmentSpec, VariantSpec, load_manifest
@@ -132,7 +132,7 @@ def test_groups_cover_every_op_and_a_split_graph_computes_the_graph(tiny_export)
              "decoder": {"image_embeddings": rng.normal(0, 0.1, (2, 32, 16, 16)).astype(np.float32),
                          "embedding_index": np.array([0, 1, 1]), "modality_index": np.array([0, 3, 5]),
                          "boxes": np.array([[1, 2, 30, 40], [0, 0, 63, 63], [10, 9, 20, 30]], np.float32),
-                         "crops": rng.random((3, 3, 16, 16), dtype=np.float32)}}
+                         "crops": rng.random((3, 3, 16, 16), dtype=np.float32), **prompts.padding_points(3)}}
     expected = {"image_encoder": {"patch_embed", "mbconv.0", "merge.0", "attn.1.0", "mlp.1.0", "neck"},
                 "decoder": {"prompt", "crop.conv", "crop.conv1", "transformer.0", "transformer.final", "f4.modality",
                             "f4.content", "f4.fuse", "upscaling", "heads"}}
