@@ -144,6 +144,14 @@ def tiny_export(tmp_path_factory) -> Path:
     return export_model(ExportConfig(out=tmp / "weights", checkpoint=tiny_checkpoint(tmp / "tiny.pth")))
 
 
+@pytest.fixture(scope="session")
+def tiny(tiny_export):
+    """The tiny export behind the array API (one thread): a model with point prompts."""
+    from mcp_medsam import Segmenter
+
+    return Segmenter.load(tiny_export, threads=1)
+
+
 @pytest.fixture(autouse=True)
 def callers_locale_is_kept():
     """No call of the project (or test set-up) leaves the process in another C locale: native readers

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import SAMPLE, need, run_cli
-from mcp_medsam import InputError, Segmenter
+from mcp_medsam import InputError
 from mcp_medsam.batch import segment_case
 from mcp_medsam.io.npz import load_case
 
@@ -41,11 +41,6 @@ def write_cvpr25(path, imgs, boxes, *, clicks=False, **extra) -> None:
         arrays["clicks_order"] = np.array([["fg"]], dtype=object)
         arrays["prev_pred"] = np.zeros(imgs.shape, np.uint8)
     np.savez_compressed(path, **arrays, **extra)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_export) -> Segmenter:
-    return Segmenter.load(tiny_export, threads=1)
 
 
 def test_cvpr25_case_segments_as_its_cvpr24_twin(tiny_export, tmp_path):

@@ -19,14 +19,6 @@ CASE_2D = "2DBox_XRay_Shenzhen_CHNCXR-0001-0.npz"
 CASE_3D = "3DBox_MR_MSDHippocampus_001.npz"
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_export) -> Segmenter:
-    seg = Segmenter.load(tiny_export, threads=1)
-    if not seg.supports_points:
-        pytest.skip("the tiny export has no point prompts")
-    return seg
-
-
 def _sample(name):
     with np.load(need(SAMPLE / "imgs" / name)) as d:
         return d["imgs"], d["boxes"]

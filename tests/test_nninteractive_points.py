@@ -14,17 +14,8 @@ pytest.importorskip("nnInteractive.inference.remote",
 
 from test_nninteractive import BOX_Z, client, hippocampus, hippocampus_crop, serving  # noqa: E402
 
-from mcp_medsam import Segmenter  # noqa: E402
 from mcp_medsam.errors import InputError  # noqa: E402
 from mcp_medsam.interactive.session import InteractiveSession, convert  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_export) -> Segmenter:
-    seg = Segmenter.load(tiny_export, threads=1)
-    if not seg.supports_points:
-        pytest.skip("the tiny export has no point prompts")
-    return seg
 
 
 @pytest.fixture(scope="module")

@@ -22,11 +22,6 @@ def _api_segs(seg: Segmenter, path) -> np.ndarray:
     return seg.segment_image(imgs, boxes, modality=token)
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_export) -> Segmenter:
-    return Segmenter.load(tiny_export, threads=1)
-
-
 def test_api_equals_cli_on_the_sample_set(tiny, tiny_export, tmp_path):
     """Every sample case, 2D and 3D: the CLI's segs and the API's labels are the same array."""
     imgs = need(SAMPLE / "imgs")

@@ -17,15 +17,6 @@ from test_serve_api import running_server  # noqa: E402
 from test_serve_browser import (CHROMIUM_ARGS, PNG, TOKEN, chromium_path, drag, open_file, page_labels,  # noqa: E402
                                 settled, to_page)
 
-from mcp_medsam import Segmenter  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_export) -> Segmenter:
-    seg = Segmenter.load(tiny_export, threads=1)
-    if not seg.supports_points:
-        pytest.skip("the tiny export has no point prompts")
-    return seg
 
 
 def test_clicks_on_the_page_equal_the_api(tiny, tiny_export):

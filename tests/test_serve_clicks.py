@@ -13,21 +13,12 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed: pip ins
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from mcp_medsam import Segmenter  # noqa: E402
 from mcp_medsam.serve import ServeConfig  # noqa: E402
 from mcp_medsam.serve.app import create_app  # noqa: E402
 from mcp_medsam.serve.results import from_run_lengths  # noqa: E402
 
 CASE_2D = "2DBox_XRay_Shenzhen_CHNCXR-0001-0.npz"
 CASE_3D = "3DBox_MR_MSDHippocampus_001.npz"
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_export) -> Segmenter:
-    seg = Segmenter.load(tiny_export, threads=1)
-    if not seg.supports_points:
-        pytest.skip("the tiny export has no point prompts")
-    return seg
 
 
 @pytest.fixture(scope="module")
