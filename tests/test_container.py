@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 
 import numpy as np
 import pytest
@@ -44,8 +45,14 @@ def test_image_builds_and_segments_every_case(tmp_path, capsys):
     outputs = tmp_path / "outputs"
     outputs.mkdir()
     outputs.chmod(0o777)  # the image runs as a non-root user
-    proc = subprocess.run(["bash", str(script), str(REPO), str(inputs), str(outputs), str(tmp_path / "work")],
-                          capture_output=True, text=True, encoding="utf-8", timeout=3600)
+    # The daemon's work folder under a short path: containerd's unix sockets live in it, and a socket path
+    # has at most 107 bytes (pytest's tmp_path plus exec/containerd/containerd.sock.ttrpc comes close).
+    work = tempfile.mkdtemp(prefix="mcs-", dir="/tmp")
+    try:
+        proc = subprocess.run(["bash", str(script), str(REPO), str(inputs), str(outputs), work],
+                              capture_output=True, text=True, encoding="utf-8", timeout=3600)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     print(proc.stdout[-4000:])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     size = re.search(r"image size (\d+) bytes", proc.stdout)
