@@ -84,6 +84,18 @@ def pytest_pycollect_makemodule(module_path, parent):
     return None
 
 
+# Python source that makes torch unimportable in a fresh interpreter (a runtime-only install):
+# prepend it to a ``python -c`` program.
+BLOCK_TORCH = (
+    "import sys\n"
+    "class NoTorch:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name.split('.')[0] == 'torch':\n"
+    "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+    "sys.meta_path.insert(0, NoTorch())\n"
+)
+
+
 def need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"reference data not found: {path}")

@@ -16,16 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import BLOCK_TORCH, REPO, run_cli
 
 # The console command in a fresh interpreter where torch cannot be imported (a runtime-only install).
-_NO_TORCH = (
-    "import sys\n"
-    "class NoTorch:\n"
-    "    def find_spec(self, name, path=None, target=None):\n"
-    "        if name.split('.')[0] == 'torch':\n"
-    "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
-    "sys.meta_path.insert(0, NoTorch())\n"
+_NO_TORCH = BLOCK_TORCH + (
     "sys.argv = ['mcp-medsam', *sys.argv[1:]]\n"
     "from mcp_medsam.cli import main\n"
     "main()\n"

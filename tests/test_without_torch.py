@@ -6,15 +6,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import BLOCK_TORCH, REPO
 
-_PYTEST_WITHOUT_TORCH = (
-    "import sys\n"
-    "class NoTorch:\n"
-    "    def find_spec(self, name, path=None, target=None):\n"
-    "        if name.split('.')[0] == 'torch':\n"
-    "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
-    "sys.meta_path.insert(0, NoTorch())\n"
+_PYTEST_WITHOUT_TORCH = BLOCK_TORCH + (
     "import pytest\n"
     "sys.exit(pytest.main(sys.argv[1:]))\n"
 )
